@@ -1,0 +1,30 @@
+# Set-up, tests and the demo. Every target creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup test demo lint clean
+
+$(BIN)/minimind-v: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH_PIN)
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/minimind-v
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/minimind-v demo
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,16 @@
+"""MiniMind-V: train, run and serve a tiny vision-language model from scratch."""
+
+from .config import PRESETS, MiniMindConfig, VLMConfig, preset_config
+from .llm import KVCache, MiniMindForCausalLM
+from .tokenizer import expand_image_markers, load_tokenizer, render_chat
+from .vision import ImagePreprocessor
+from .vlm import MiniMindVLM
+from .weights import export_pretrained, load_native, load_pretrained_folder, save_native
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "ImagePreprocessor", "KVCache", "MiniMindConfig", "MiniMindForCausalLM", "MiniMindVLM", "VLMConfig",
+    "expand_image_markers", "export_pretrained", "load_native", "load_pretrained_folder", "load_tokenizer",
+    "preset_config", "render_chat", "save_native",
+]

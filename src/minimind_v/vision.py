@@ -1,0 +1,126 @@
+"""The SigLIP vision tower and its image preprocessing.
+
+The tower is a transformers `SiglipVisionModel`: loaded from a local folder or hub id (in float32 unless
+asked otherwise; the released tower is stored in fp16), or built with random weights from a config dict
+for from-zero training. `ImagePreprocessor` reproduces `SiglipImageProcessor` (resize, rescale, normalise)
+for images in any PIL mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+SIGLIP2_HUB_ID = "jingyaogong/siglip2-base-p32-256-ve"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def load_vision_tower(path: str, dtype: torch.dtype = torch.float32) -> SiglipVisionModel:
+    """Load a SigLIP vision tower from a folder or hub id, or raise an error that says what to do."""
+    try:
+        return SiglipVisionModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise FileNotFoundError(
+            f"could not load the SigLIP vision tower from {path!r}: {err}\n"
+            f"Download it (e.g. `hf download {SIGLIP2_HUB_ID} --local-dir model/siglip2-base-p32-256-ve`) "
+            "and pass its folder with --vision_model, or build a random tower from a preset."
+        ) from err
+
+
+def build_vision_tower(vision_config: dict) -> SiglipVisionModel:
+    """A randomly initialised tower of the given `SiglipVisionConfig` shape."""
+    fields = {k: v for k, v in vision_config.items() if k not in ("model_type", "transformers_version")}
+    return SiglipVisionModel(SiglipVisionConfig(**fields))
+
+
+def read_preprocessor_config(folder: str) -> dict:
+    """`image_mean`, `image_std` and `image_resample` from a tower folder's preprocessor_config.json, if any."""
+    path = os.path.join(folder, PREPROCESSOR_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    found = {
+        "image_mean": raw.get("image_mean"), "image_std": raw.get("image_std"), "image_resample": raw.get("resample")
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited onto white (as `SiglipImageProcessor` does);
+    16-bit, 32-bit and float images are rescaled to 8 bits instead of being clipped to white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and values.max() <= 1.0 else (65535.0 if values.max() > 255 else 255.0)
+        if image.mode in ("I", "F") and (values.min() < 0 or values.max() > 65535):
+            values, top = values - values.min(), max(values.max() - values.min(), 1e-12)
+        image = Image.fromarray(np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ImagePreprocessor:
+    """PIL images -> pixel values [N, 3, size, size] float32, equal to `SiglipImageProcessor` to ~1e-7.
+
+    Steps: convert to RGB, resize to size x size (bicubic by default), then (x / 255 - mean) / std through a
+    per-channel 256-entry lookup table, which is exact and cheap enough for DataLoader workers.
+    """
+
+    def __init__(self, size: int = 256, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 std: Sequence[float] = (0.5, 0.5, 0.5), resample: int = Image.Resampling.BICUBIC):
+        self.size = size
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        self.resample = int(resample)
+        # The same float64 rescale then float32 normalise as `SiglipImageProcessor`, once per level.
+        rescaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+        self._lut = np.stack([(rescaled - np.float32(m)) / np.float32(s) for m, s in zip(self.mean, self.std)])
+
+    @classmethod
+    def from_config(cls, config) -> ImagePreprocessor:
+        return cls(config.image_size, config.image_mean, config.image_std, config.image_resample)
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """One image -> float32 array [3, size, size]."""
+        rgb = to_rgb(image)
+        if rgb.size != (self.size, self.size):
+            rgb = rgb.resize((self.size, self.size), resample=self.resample)
+        hwc = np.asarray(rgb, dtype=np.uint8)
+        return np.stack([self._lut[c][hwc[..., c]] for c in range(3)])
+
+    def __call__(self, images: Image.Image | Iterable[Image.Image]) -> torch.Tensor:
+        """One image or several -> pixel values [N, 3, size, size]."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        arrays = [self.pixels(image) for image in images]
+        if not arrays:
+            return torch.empty(0, 3, self.size, self.size)
+        return torch.from_numpy(np.stack(arrays))
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write a `SiglipImageProcessor`-compatible preprocessor_config.json."""
+        os.makedirs(folder, exist_ok=True)
+        config = {
+            "image_processor_type": "SiglipImageProcessor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"height": self.size, "width": self.size},
+            "resample": self.resample,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": self.mean,
+            "image_std": self.std,
+        }
+        with open(os.path.join(folder, PREPROCESSOR_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the reference facts folder (tests skip without it), a tiny trained tokenizer and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimind_v.config import preset_config
+from minimind_v.tokenizer import train_tokenizer
+from minimind_v.vlm import MiniMindVLM
+
+REFERENCE_DIR = Path(
+    os.environ.get("MINIMIND_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CORPUS = [
+    "The red circle is on the left of the blue square.",
+    "How many shapes are there? There are three shapes.",
+    "图片里有一个绿色的三角形和一个黄色的圆。",
+    "What colour is the triangle? It is green.",
+    "Is there a star in the picture? No, there is no star.",
+    "Describe the image. A small purple square sits at the top right.",
+] * 50
+
+
+def reference_path(*parts: str) -> Path:
+    """A file under the reference folder, or skip the test when the folder is not there."""
+    path = REFERENCE_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference fixtures not found at {path} (set MINIMIND_REFERENCE_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 600-token MiniMind-format tokenizer trained on a small English/Chinese corpus."""
+    return train_tokenizer(CORPUS, str(tmp_path_factory.mktemp("tokenizer")), vocab_size=600)
+
+
+@pytest.fixture
+def tiny_vlm(tiny_tokenizer):
+    """A seeded tiny VLM (random 64x64 tower, 64 visual tokens) matching the tiny tokenizer, in eval mode."""
+    torch.manual_seed(0)
+    return MiniMindVLM(preset_config("tiny", vocab_size=len(tiny_tokenizer))).eval()
