@@ -47,3 +47,32 @@ def tiny_vlm(tiny_tokenizer):
     """A seeded tiny VLM (random 64x64 tower, 64 visual tokens) matching the tiny tokenizer, in eval mode."""
     torch.manual_seed(0)
     return MiniMindVLM(preset_config("tiny", vocab_size=len(tiny_tokenizer))).eval()
+
+
+def liven(model: MiniMindVLM, seed: int = 0, std: float = 0.15) -> MiniMindVLM:
+    """Redraw the decoder and projector matrices with a large spread, so that greedy decoding of a random
+    tiny model gives varied tokens (the standard init makes it repeat one token)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and not name.startswith("vision_encoder."):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+@pytest.fixture
+def lively_vlm(tiny_vlm):
+    """`tiny_vlm` whose greedy output varies from token to token."""
+    return liven(tiny_vlm)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A lively tiny VLM exported with its tokenizer as a transformers folder (for `--load_from`)."""
+    from minimind_v.weights import export_pretrained
+
+    torch.manual_seed(0)
+    model = liven(MiniMindVLM(preset_config("tiny", vocab_size=len(tiny_tokenizer))).eval())
+    folder = tmp_path_factory.mktemp("models") / "tiny-vlm"
+    export_pretrained(model, str(folder), tiny_tokenizer)
+    return folder

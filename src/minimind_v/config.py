@@ -168,14 +168,9 @@ VISION_PRESETS: dict[str, dict] = {"siglip2-base-p32-256": SIGLIP2_BASE_P32_256,
 PRESETS: dict[str, dict] = {
     "minimind-3v": dict(hidden_size=768, num_hidden_layers=8, vision_config=SIGLIP2_BASE_P32_256),
     "minimind-3v-moe": dict(hidden_size=768, num_hidden_layers=8, use_moe=True, vision_config=SIGLIP2_BASE_P32_256),
+    # Reference head counts (8 query, 4 key/value), so the native-weight flags rebuild it exactly.
     "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        image_hidden_size=64,
-        image_token_len=64,
-        vision_config=TINY_VISION,
+        hidden_size=64, num_hidden_layers=2, image_hidden_size=64, image_token_len=64, vision_config=TINY_VISION
     ),
 }
 

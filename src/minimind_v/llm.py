@@ -395,6 +395,12 @@ class MiniMindForCausalLM(PreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
+        """Reference-compatible generation; see `generate.reference_generate` for the arguments."""
+        from .generate import reference_generate
+
+        return reference_generate(self, input_ids, **kwargs)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

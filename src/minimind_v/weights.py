@@ -80,10 +80,11 @@ def save_native(model: nn.Module, path: str) -> None:
     atomic_save(native_state_dict(model), path)
 
 
-def load_native(model: nn.Module, source: str | dict) -> None:
-    """Load a reference-format state dict strictly.
+def load_native(model: nn.Module, source: str | dict, optional_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Load a reference-format state dict strictly; return the non-tower keys left at their current values.
 
-    Only `vision_encoder.*` may be missing (weight files never carry the tower), and a tied `lm_head.weight`
+    Only `vision_encoder.*` may be missing (weight files never carry the tower), plus keys under
+    `optional_prefixes` (e.g. "vision_proj." when a VLM starts from LLM weights), and a tied `lm_head.weight`
     may be absent. Any other missing, unexpected or mis-shaped key raises a ValueError naming the keys.
     """
     state = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, str) else source
@@ -91,8 +92,9 @@ def load_native(model: nn.Module, source: str | dict) -> None:
     model = unwrap(model)
     expected = model.state_dict()
     tied = getattr(model.config, "tie_word_embeddings", False)
-    missing = [k for k in expected if k not in state and not k.startswith(TOWER_PREFIX)
-               and not (tied and k == "lm_head.weight" and "model.embed_tokens.weight" in state)]
+    tied_head = tied and "model.embed_tokens.weight" in state
+    absent = [k for k in expected if k not in state and not (tied_head and k == "lm_head.weight")]
+    missing = [k for k in absent if not k.startswith((TOWER_PREFIX, *optional_prefixes))]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in state if k in expected and state[k].shape != expected[k].shape]
@@ -108,6 +110,7 @@ def load_native(model: nn.Module, source: str | dict) -> None:
             "--num_hidden_layers and --use_moe against the file."
         )
     model.load_state_dict(state, strict=False)
+    return [k for k in absent if not k.startswith(TOWER_PREFIX)]
 
 
 def build_model(config: MiniMindConfig, weights: str | None = None, vision_model: str | None = None,
