@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .llm import KVCache
-from .tokenizer import IMAGE_MARKER, expand_image_markers, render_chat
+from .tokenizer import IMAGE_MARKER, IMAGE_TOKEN, expand_image_markers, render_chat
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -339,6 +339,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.image_token_len = getattr(model.config, "image_token_len", 0)
+        self.image_token_id = getattr(model.config, "image_token_id", None)
         self.device = next(model.parameters()).device
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
@@ -363,6 +364,10 @@ class Engine:
         text = render_chat(self.tokenizer, messages, tools=request.tools, add_generation_prompt=True,
                            open_thinking=request.open_thinking)
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if self.image_token_id is not None and ids.count(self.image_token_id) != len(request.images) * \
+                self.image_token_len:
+            raise ValueError(f"the text itself contains image placeholder tokens ({IMAGE_TOKEN}); use {IMAGE_MARKER} "
+                             "markers with images instead")
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the limit of {self.max_prompt_tokens}")
         return ids
@@ -415,9 +420,9 @@ class Engine:
                 reasoning, content = splitters[row].push(stream.flush(), final=True)
                 if reasoning or content:
                     yield StreamEvent(row, content, reasoning)
-                answer_reasoning, answer = split_thinking(stream.text, requests[row].open_thinking)
+                reasoning, answer = split_thinking(stream.text, requests[row].open_thinking)
                 yield StreamEvent(row, completion=Completion(
-                    text=answer, reasoning=answer_reasoning, token_ids=list(stream.ids), finish_reason=reason,
+                    text=answer, reasoning=reasoning, token_ids=list(stream.ids), finish_reason=reason,
                     prompt_tokens=len(prompts[row]), completion_tokens=len(stream.ids) + int(ended_by_eos),
                     seconds=time.perf_counter() - start))
 

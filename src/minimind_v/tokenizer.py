@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 IMAGE_MARKER = "<image>"
 IMAGE_TOKEN = "<|image_pad|>"
@@ -78,7 +78,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
             f"no tokenizer.json in {path!r}: pass --tokenizer with a folder made by `minimind-v train-tokenizer` "
             "or the reference model/ folder"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Not AutoTokenizer: in an exported model folder it would read config.json and ask to trust remote code.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != 12:
         raise ValueError(f"{path!r} does not map {IMAGE_TOKEN} to id 12; it is not a MiniMind tokenizer")
     if not tokenizer.chat_template:

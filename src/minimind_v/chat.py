@@ -1,0 +1,186 @@
+"""`minimind-v chat`: a multi-turn conversation with images in the terminal.
+
+Type a message and press Enter; the reply streams back. Commands: `/image PATH` attaches an image to your
+next message (repeat it for several), `/reset` forgets the conversation, `/think on|off` switches the
+reasoning block, `/quit` (or end of input) leaves. Input may also be piped in, one line per message.
+Also holds the sampling flags and image loading shared by `describe` and `webui`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from typing import BinaryIO, TextIO
+
+from PIL import Image
+
+from .generate import ChatRequest, Completion, Engine, GenerationConfig, inference_dtype
+from .tokenizer import IMAGE_MARKER
+from .vision import to_rgb
+from .weights import add_model_arguments, load_model_from_args
+
+HELP = ("commands: /image PATH (attach an image to the next message; repeat for several), /reset, "
+        "/think on|off, /quit")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.7, top_p: float = 0.85,
+                           max_new_tokens: int = 512) -> None:
+    """Sampling flags (reference `eval_vlm.py` defaults) and the prompt length limit."""
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    group.add_argument("--temperature", type=float, default=temperature, help="0 decodes greedily")
+    group.add_argument("--top_p", type=float, default=top_p)
+    group.add_argument("--top_k", type=int, default=50, help="0 disables top-k filtering")
+    group.add_argument("--repetition_penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=None, help="fix the sampling for reproducible replies")
+    group.add_argument("--open_thinking", type=int, default=0, choices=[0, 1], help="start with reasoning on")
+    group.add_argument("--max_seq_len", type=int, default=8192, help="longest prompt, in tokens")
+    group.add_argument("--show_speed", type=int, default=1, choices=[0, 1], help="print tokens/s after replies")
+
+
+def sampling_config(args) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def load_engine(args) -> Engine:
+    """The model of the `add_model_arguments` flags (bf16 on CUDA), ready to chat."""
+    model, tokenizer = load_model_from_args(args, dtype=inference_dtype(args.device))
+    return Engine(model, tokenizer, max_prompt_tokens=args.max_seq_len)
+
+
+def load_engine_or_exit(args) -> Engine:
+    """`load_engine` for commands: a missing or unfitting model ends the program with the reason."""
+    try:
+        return load_engine(args)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"could not load the model: {err}") from err
+
+
+def load_image(source: str | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Read an image (a path or a binary file) in any PIL mode as RGB, or raise ValueError saying why it
+    cannot be read. `max_pixels` refuses larger images before decoding them."""
+    name = source if isinstance(source, str) else "data"
+    try:
+        with Image.open(source) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ValueError(f"{image.width}x{image.height} pixels is more than the limit of {max_pixels}")
+            image.load()
+            rgb = to_rgb(image)
+            return rgb.copy() if rgb is image else rgb  # the file closes with the `with`
+    except Exception as err:  # PIL signals bad files with many exception types
+        raise ValueError(f"cannot read image {name!r}: {err}") from err
+
+
+def print_reply(engine: Engine, request: ChatRequest, config: GenerationConfig, out: TextIO,
+                show_speed: bool) -> Completion:
+    """Stream one reply to `out` (reasoning, when there is any, under its own heading) and return it."""
+    section = None
+    for event in engine.stream(request, config):
+        if event.completion is not None:
+            completion = event.completion
+        if event.reasoning:
+            if section != "reasoning":
+                out.write("[thinking]\n")
+            section = "reasoning"
+            out.write(event.reasoning)
+        if event.content:
+            if section == "reasoning":
+                out.write("\n[answer]\n")
+            section = "answer"
+            out.write(event.content)
+        out.flush()
+    out.write("\n")
+    if completion.finish_reason == "length":
+        out.write(f"[cut at --max_new_tokens {config.max_new_tokens}]\n")
+    if show_speed:
+        speed = completion.completion_tokens / max(completion.seconds, 1e-9)
+        out.write(f"[Speed]: {speed:.2f} tokens/s\n")
+    return completion
+
+
+class ChatSession:
+    """The conversation so far: messages with `<image>` markers, and the images they refer to, in order."""
+
+    def __init__(self, engine: Engine, config: GenerationConfig, open_thinking: bool = False,
+                 show_speed: bool = True):
+        self.engine, self.config = engine, config
+        self.open_thinking, self.show_speed = open_thinking, show_speed
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = []
+        self.images: list[Image.Image] = []
+        self.pending: list[Image.Image] = []
+
+    def handle(self, line: str, out: TextIO) -> bool:
+        """Act on one input line; False once the user wants to leave."""
+        line = line.strip()
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            return False
+        if command == "/reset":
+            self.reset()
+            out.write("[conversation cleared]\n")
+        elif command == "/think" and rest.strip() in ("on", "off"):
+            self.open_thinking = rest.strip() == "on"
+            out.write(f"[thinking {rest.strip()}]\n")
+        elif command == "/image" and rest.strip():
+            self.attach(rest.strip(), out)
+        elif line.startswith("/"):
+            out.write(f"[unknown command {line!r}] {HELP}\n")
+        elif line:
+            self.say(line, out)
+        return True
+
+    def attach(self, path: str, out: TextIO) -> None:
+        try:
+            self.pending.append(load_image(path))
+        except ValueError as err:
+            out.write(f"[{err}]\n")
+            return
+        out.write(f"[image {len(self.pending)} attached to your next message: {path}]\n")
+
+    def say(self, text: str, out: TextIO) -> None:
+        """One user turn: the reply streams to `out` and both join the history (not when the turn fails)."""
+        if self.pending and IMAGE_MARKER not in text:
+            text = IMAGE_MARKER * len(self.pending) + "\n" + text
+        user = {"role": "user", "content": text}
+        request = ChatRequest(self.messages + [user], self.images + self.pending, self.open_thinking)
+        try:
+            completion = print_reply(self.engine, request, self.config, out, self.show_speed)
+        except ValueError as err:
+            out.write(f"[{err}; /reset starts a new conversation]\n")
+            return
+        reply = {"role": "assistant", "content": completion.text}
+        if completion.reasoning is not None:
+            reply["reasoning_content"] = completion.reasoning
+        self.messages += [user, reply]
+        self.images += self.pending
+        self.pending = []
+
+
+def input_lines(interactive: bool) -> Iterable[str]:
+    """User input, prompted when a person is typing."""
+    while True:
+        try:
+            yield input("> " if interactive else "")
+        except EOFError:
+            return
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, weight="sft_vlm")
+    add_sampling_arguments(parser)
+
+
+def main(args) -> None:
+    engine = load_engine_or_exit(args)
+    session = ChatSession(engine, sampling_config(args), bool(args.open_thinking), bool(args.show_speed))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(HELP)
+    for line in input_lines(interactive):
+        if not session.handle(line, sys.stdout):
+            break
