@@ -1,0 +1,121 @@
+"""What a training run reports: reference-style log lines, a progress bar, a metrics JSONL per run, optional
+wandb / swanlab / tensorboard logging, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+from .data import BAD_REASONS
+
+LOGGERS = ("none", "wandb", "swanlab", "tensorboard")
+
+
+def reference_line(epoch: int, epochs: int, step: int, iters: int, loss: float, aux_loss: float, lr: float,
+                   remaining_min: float) -> str:
+    """The reference trainer's log line (loss is CE + aux)."""
+    return (f"Epoch:[{epoch + 1}/{epochs}]({step}/{iters}), loss: {loss:.4f}, logits_loss: {loss - aux_loss:.4f}, "
+            f"aux_loss: {aux_loss:.4f}, lr: {lr:.8f}, epoch_time: {remaining_min:.1f}min")
+
+
+class Progress:
+    """A tqdm bar over optimizer steps (only on a terminal); log lines are printed above it."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                        disable=not (enabled and sys.stderr.isatty()))
+        self.enabled = enabled
+
+    def update(self, postfix: dict | None = None) -> None:
+        self.bar.update(1)
+        if postfix is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Tracker:
+    """Rank-0 metrics sink: `{run_dir}/metrics.jsonl` (one JSON object per log step) plus an optional logger.
+
+    On resume the JSONL keeps only the lines up to the resumed step, so replayed steps are not duplicated.
+    """
+
+    def __init__(self, run_dir: str, logger: str, project: str, run_name: str, config: dict,
+                 resume_step: int | None = None, resume_id: str | None = None):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        kept = _lines_up_to(self.path, resume_step) if resume_step is not None else []
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        self.logger = logger
+        self.run_id = resume_id
+        self.backend = self._start(logger, project, run_name, config, run_dir, resume_id)
+
+    def _start(self, logger, project, run_name, config, run_dir, resume_id):
+        if logger == "none":
+            return None
+        if logger == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise SystemExit("--logger tensorboard needs `pip install tensorboard`") from err
+            return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        try:
+            backend = __import__(logger)
+        except ImportError as err:
+            raise SystemExit(f"--logger {logger} needs `pip install {logger}`") from err
+        # wandb and swanlab share this call (the reference imports swanlab as wandb)
+        run = backend.init(project=project, name=run_name, config=config, id=resume_id, resume="allow")
+        self.run_id = getattr(run, "id", None)
+        return backend
+
+    def log(self, metrics: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.logger == "tensorboard":
+            for key, value in scalars.items():
+                self.backend.add_scalar(key, value, metrics["step"])
+        elif self.backend is not None:
+            self.backend.log(scalars, step=metrics["step"])
+
+    def close(self) -> None:
+        if self.logger == "tensorboard":
+            self.backend.close()
+        elif self.backend is not None:
+            self.backend.finish()
+
+
+def _lines_up_to(path: str, step: int) -> list[str]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run report, one fact per line."""
+    bad = summary["bad_rows"]
+    lines = [
+        f"run summary ({summary['stage']})",
+        f"  steps {summary['steps']}, samples {summary['samples']}, rows read {summary['rows_read']}, "
+        f"time {summary['seconds'] / 60:.1f} min",
+        f"  throughput {summary['samples_per_s']:.2f} samples/s, {summary['tokens_per_s']:.0f} tokens/s",
+        f"  padding efficiency {summary['padding_efficiency']:.1%} (real tokens / processed tokens)",
+        f"  final loss {summary['final_loss']:.4f}, non-finite steps skipped {summary['nonfinite_steps']}",
+        f"  bad rows {sum(bad.values())} ({summary['bad_fraction']:.2%})"
+        + "".join(f"\n    {reason}: {count} ({BAD_REASONS[reason]})" for reason, count in bad.items() if count),
+        f"  weights {summary['weights']}",
+    ]
+    if summary.get("vision_tower"):
+        lines.append(f"  vision tower {summary['vision_tower']} (load it with --vision_model)")
+    return "\n".join(lines)
