@@ -1,0 +1,535 @@
+"""`minimind-v data synth`: a seeded generator of shape-scene images with captions and questions.
+
+A scene is a 2x2 grid of cells; 1-4 cells hold one shape each, with distinct kinds and distinct colours, a
+random size and a random offset inside its cell. Images get a light background (optionally textured) and
+Gaussian noise. Every question is answered from the scene with one short canonical answer, and answers are
+balanced per question type so that a model that ignores the image cannot beat the majority answer by much.
+
+Held-out guarantee: a scene's *layout* is the set of (cell, kind, colour) of its shapes. A fixed hash of the
+layout puts it in the test split or the training split, whatever the seed, so no test image shares its layout
+(and hence its content) with any training image of any run.
+
+Every row is drawn from its own random stream, seeded by (seed, file, row index): the first N rows of a file
+do not depend on how many rows are written, and the output is byte-identical for the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+KINDS = ("circle", "square", "triangle", "star", "cross")
+COLOURS = {  # name -> RGB; every pair differs by 70+ in some channel, more than jitter, noise and JPEG move it
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 230),
+    "yellow": (240, 200, 30),
+    "purple": (150, 60, 190),
+    "orange": (245, 130, 30),
+}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cell index = 2 * row + column
+QUESTION_TYPES = ("colour", "shape", "count", "position", "presence", "relation")
+MAX_SHAPES = len(POSITIONS)
+HELD_OUT_FRACTION = 0.1  # share of all layouts reserved for the test split; fixed so every run agrees
+SPLIT_SALT = b"minimind-v synth split v1"
+SUPERSAMPLE = 2  # shapes are drawn at 2x and downscaled: anti-aliased edges
+
+ZH = {
+    "circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形", "cross": "十字形",
+    "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色",
+    "top left": "左上", "top right": "右上", "bottom left": "左下", "bottom right": "右下",
+}
+EN_NUMBERS = ("one", "two", "three", "four")
+ZH_NUMBERS = ("一个", "两个", "三个", "四个")
+YES_NO = {"en": ("yes", "no"), "zh_presence": ("有", "没有"), "zh_relation": ("是", "不是")}
+RELATIONS = {  # name -> (axis: 0 column / 1 row, sign of B - A when true, en phrase, zh phrase)
+    "left": (0, 1, "to the left of", "左边"),
+    "right": (0, -1, "to the right of", "右边"),
+    "above": (1, 1, "above", "上面"),
+    "below": (1, -1, "below", "下面"),
+}
+CAPTION_PROMPTS = {
+    "en": ("Describe the image.", "What is in the picture?", "Describe the shapes in this image."),
+    "zh": ("描述这张图片。", "图片里有什么？", "请描述图中的形状。"),
+}
+FILES = ("llm_pretrain", "llm_sft", "vlm_pretrain", "vlm_sft", "vlm_test")
+FILE_NAMES = {
+    "llm_pretrain": "llm_pretrain.jsonl", "llm_sft": "llm_sft.jsonl", "vlm_pretrain": "vlm_pretrain.parquet",
+    "vlm_sft": "vlm_sft.parquet", "vlm_test": "vlm_test.parquet",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape; x, y (centre) and radius are in output pixels."""
+
+    kind: str
+    colour: str
+    cell: int
+    x: float
+    y: float
+    radius: float
+
+    @property
+    def column(self) -> int:
+        return self.cell % 2
+
+    @property
+    def row(self) -> int:
+        return self.cell // 2
+
+
+@dataclass
+class SynthConfig:
+    """What scenes hold and how images and texts look. `lang` is en, zh or both (a random language per row).
+    Fewer kinds, colours or shapes make an easier task; each list needs more entries than `max_shapes` so that
+    a presence question can always be answered "no"."""
+
+    image_size: int = 64
+    lang: str = "both"
+    turns: int = 3
+    noise: float = 8.0
+    texture: float = 0.5
+    image_format: str = "jpeg"
+    seed: int = 0
+    kinds: tuple[str, ...] = KINDS
+    colours: tuple[str, ...] = tuple(COLOURS)
+    max_shapes: int = MAX_SHAPES
+
+    def question_types(self) -> tuple[str, ...]:
+        return QUESTION_TYPES if self.max_shapes > 1 else tuple(t for t in QUESTION_TYPES if t != "relation")
+
+
+def layout_key(shapes: Iterable[Shape]) -> str:
+    """The content of a scene, independent of sizes, offsets, background and noise."""
+    return "|".join(sorted(f"{s.cell}:{s.kind}:{s.colour}" for s in shapes))
+
+
+def is_held_out(key: str) -> bool:
+    """Whether a layout belongs to the test split (a fixed hash, the same for every seed)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8, key=SPLIT_SALT).digest()
+    return int.from_bytes(digest, "big") < HELD_OUT_FRACTION * 2**64
+
+
+def sample_shapes(rng: np.random.Generator, count: int, held_out: bool, config: SynthConfig) -> tuple[Shape, ...]:
+    """`count` shapes with distinct cells, kinds and colours, from the requested split (only the layout is
+    redrawn until it falls in the split, so both splits have the same distribution of counts)."""
+    while True:
+        cells = rng.permutation(MAX_SHAPES)[:count]
+        kinds = rng.permutation(len(config.kinds))[:count]
+        colours = rng.permutation(len(config.colours))[:count]
+        layout = [(int(c), config.kinds[k], config.colours[o]) for c, k, o in zip(cells, kinds, colours)]
+        if is_held_out(layout_key(Shape(k, o, c, 0, 0, 0) for c, k, o in layout)) == held_out:
+            break
+    half_cell = config.image_size / 4
+    shapes = []
+    for cell, kind, colour in sorted(layout):
+        radius = half_cell * rng.uniform(0.7, 0.9)
+        room = half_cell - radius - 1  # the shape never leaves its cell
+        x = (2 * (cell % 2) + 1) * half_cell + rng.uniform(-room, room)
+        y = (2 * (cell // 2) + 1) * half_cell + rng.uniform(-room, room)
+        shapes.append(Shape(kind, colour, cell, float(x), float(y), float(radius)))
+    return tuple(shapes)
+
+
+def _outline(shape: Shape, scale: float) -> list[tuple[float, float]]:
+    """Polygon of a non-circle shape in supersampled pixels."""
+    x, y, r = shape.x * scale, shape.y * scale, shape.radius * scale
+    if shape.kind == "square":
+        s = 0.85 * r
+        return [(x - s, y - s), (x + s, y - s), (x + s, y + s), (x - s, y + s)]
+    if shape.kind == "triangle":
+        return [(x, y - r), (x + 0.95 * r, y + 0.8 * r), (x - 0.95 * r, y + 0.8 * r)]
+    if shape.kind == "star":
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        return [(x + q * np.cos(a), y + q * np.sin(a)) for q, a in zip(radii, angles)]
+    w = 0.33 * r  # cross: arms of half-width w reaching r
+    return [(x - w, y - r), (x + w, y - r), (x + w, y - w), (x + r, y - w), (x + r, y + w), (x + w, y + w),
+            (x + w, y + r), (x - w, y + r), (x - w, y + w), (x - r, y + w), (x - r, y - w), (x - w, y - w)]
+
+
+def _background(rng: np.random.Generator, size: int, texture: float) -> np.ndarray:
+    """A light background [size, size, 3] float32: tinted grey, sometimes stripes, a checker or a gradient."""
+    base = rng.uniform(200, 240) + rng.uniform(-8, 8, size=3)
+    image = np.broadcast_to(base, (size, size, 3)).astype(np.float32)
+    if rng.random() >= texture:
+        return image
+    pattern = int(rng.integers(3))
+    coords = np.arange(size, dtype=np.float32)
+    amplitude = rng.uniform(6, 16)
+    if pattern == 0:
+        period = rng.uniform(4, 10)
+        wave = np.sin(2 * np.pi * coords / period + rng.uniform(0, 2 * np.pi))
+        wave = wave[:, None] if rng.random() < 0.5 else wave[None, :]
+    elif pattern == 1:
+        cell = int(rng.integers(4, 12))
+        wave = ((coords[:, None] // cell + coords[None, :] // cell) % 2) * 2 - 1
+    else:
+        wave = (coords[:, None] + coords[None, :]) / size - 1
+    return image + amplitude * np.broadcast_to(wave, (size, size))[..., None]
+
+
+@functools.lru_cache(maxsize=4)
+def _noise_bank(size: int) -> np.ndarray:
+    """A fixed field of unit Gaussian noise [2 * size, 2 * size, 3]; each image takes a random crop of it,
+    which is ~50x cheaper than drawing fresh noise per image."""
+    return np.random.default_rng(0).standard_normal((2 * size, 2 * size, 3), dtype=np.float32)
+
+
+def render(shapes: Iterable[Shape], rng: np.random.Generator, config: SynthConfig) -> Image.Image:
+    """Draw a scene: background, anti-aliased shapes with jittered colours, then Gaussian noise."""
+    size = config.image_size
+    big = size * SUPERSAMPLE
+    canvas, mask = Image.new("RGB", (big, big)), Image.new("L", (big, big))
+    draw, draw_mask = ImageDraw.Draw(canvas), ImageDraw.Draw(mask)
+    for shape in shapes:
+        colour = tuple(np.clip(np.add(COLOURS[shape.colour], rng.integers(-15, 16, size=3)), 0, 255).tolist())
+        if shape.kind == "circle":
+            x, y, r = shape.x * SUPERSAMPLE, shape.y * SUPERSAMPLE, shape.radius * SUPERSAMPLE
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+            draw_mask.ellipse((x - r, y - r, x + r, y + r), fill=255)
+        else:
+            outline = _outline(shape, SUPERSAMPLE)
+            draw.polygon(outline, fill=colour)
+            draw_mask.polygon(outline, fill=255)
+    # Box-averaging the black canvas gives colour x coverage; the mask gives the coverage itself.
+    shapes_rgb = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32)
+    coverage = np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float32)[..., None] / 255
+    pixels = shapes_rgb + (1 - coverage) * _background(rng, size, config.texture)
+    sigma = rng.uniform(0, config.noise)
+    if sigma > 0:
+        dx, dy = rng.integers(size + 1, size=2)
+        pixels += sigma * _noise_bank(size)[dy:dy + size, dx:dx + size]
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def encode_image(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "png":
+        image.save(buffer, format="PNG", optimize=False)
+    else:  # 4:4:4 keeps the colour of small shapes sharp
+        image.save(buffer, format="JPEG", quality=90, subsampling=0)
+    return buffer.getvalue()
+
+
+def say(word: str, lang: str) -> str:
+    return ZH[word] if lang == "zh" else word
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def ask(rng: np.random.Generator, shapes: tuple[Shape, ...], question_type: str, lang: str,
+        config: SynthConfig) -> tuple[str, str]:
+    """(question, canonical answer) of one type about a scene."""
+    shape = _pick(rng, shapes)
+    kind, colour, position = (say(w, lang) for w in (shape.kind, shape.colour, POSITIONS[shape.cell]))
+    zh = lang == "zh"
+    if question_type == "colour":
+        return (f"{kind}是什么颜色？" if zh else f"What colour is the {kind}?"), colour
+    if question_type == "shape":
+        if rng.random() < 0.5:
+            return (f"{position}是什么形状？" if zh else f"What shape is at the {position}?"), kind
+        return (f"{colour}的是什么形状？" if zh else f"Which shape is {colour}?"), kind
+    if question_type == "count":
+        answer = (ZH_NUMBERS if zh else EN_NUMBERS)[len(shapes) - 1]
+        return ("图中有几个形状？" if zh else "How many shapes are there?"), answer
+    if question_type == "position":
+        return (f"{kind}在哪里？" if zh else f"Where is the {kind}?"), position
+    if question_type == "presence":
+        return _ask_presence(rng, shapes, lang, config)
+    if question_type == "relation":
+        return _ask_relation(rng, shapes, lang)
+    raise ValueError(f"unknown question type {question_type!r}; choose from {QUESTION_TYPES}")
+
+
+def _ask_presence(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str,
+                  config: SynthConfig) -> tuple[str, str]:
+    """Asks "Is there a circle / a red shape?". The answer is drawn first (50/50), then a word with that answer, so
+    the question text carries no hint of the answer."""
+    yes = bool(rng.random() < 0.5)
+    by_kind = rng.random() < 0.5
+    present = {s.kind if by_kind else s.colour for s in shapes}
+    word = say(_pick(rng, [w for w in (config.kinds if by_kind else config.colours) if (w in present) == yes]), lang)
+    answer = YES_NO["zh_presence" if lang == "zh" else "en"][0 if yes else 1]
+    if lang == "zh":
+        return (f"图中有{word}吗？" if by_kind else f"图中有{word}的形状吗？"), answer
+    return (f"Is there {_article(word)} {word}?" if by_kind else f"Is there {_article(word)} {word} shape?"), answer
+
+
+def _ask_relation(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str) -> tuple[str, str]:
+    """Asks "Is the circle to the left of the square?" about two shapes in different columns or rows; the answer
+    is drawn first (50/50), then the relation word that gives it."""
+    yes = bool(rng.random() < 0.5)
+    first, second = (shapes[i] for i in rng.permutation(len(shapes))[:2])
+    deltas = {0: second.column - first.column, 1: second.row - first.row}
+    axis = _pick(rng, [a for a, delta in deltas.items() if delta])
+    name = next(n for n, (a, sign, _, _) in RELATIONS.items() if a == axis and (sign == np.sign(deltas[axis])) == yes)
+    _, _, en_phrase, zh_phrase = RELATIONS[name]
+    a, b = say(first.kind, lang), say(second.kind, lang)
+    if lang == "zh":
+        return f"{a}在{b}的{zh_phrase}吗？", YES_NO["zh_relation"][0 if yes else 1]
+    return f"Is the {a} {en_phrase} the {b}?", YES_NO["en"][0 if yes else 1]
+
+
+def caption(shapes: tuple[Shape, ...], lang: str) -> str:
+    """The count, then every cell in reading order with its shape or nothing: the same four slots in every
+    caption, so each slot always describes the same quarter of the image."""
+    by_cell = {s.cell: s for s in shapes}
+    if lang == "zh":
+        slots = [f"{ZH[p]}：{ZH[by_cell[c].colour]}的{ZH[by_cell[c].kind]}" if c in by_cell else f"{ZH[p]}：无"
+                 for c, p in enumerate(POSITIONS)]
+        return f"{ZH_NUMBERS[len(shapes) - 1]}形状。" + "。".join(slots) + "。"
+    slots = [f"{p.capitalize()}: {_article(by_cell[c].colour)} {by_cell[c].colour} {by_cell[c].kind}" if c in by_cell
+             else f"{p.capitalize()}: nothing" for c, p in enumerate(POSITIONS)]
+    count = EN_NUMBERS[len(shapes) - 1].capitalize()
+    return f"{count} shape{'s' if len(shapes) > 1 else ''}. " + ". ".join(slots) + "."
+
+
+def ask_several(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str, question_types: Iterable[str],
+                config: SynthConfig) -> list[tuple[str, str, str]]:
+    """[(question_type, question, answer)] about one scene, one question per type."""
+    return [(t, *ask(rng, shapes, t, lang, config)) for t in question_types]
+
+
+def _row_rng(config: SynthConfig, file: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([config.seed, FILES.index(file), index])
+
+
+def _scene(rng: np.random.Generator, config: SynthConfig, held_out: bool,
+           turns: int) -> tuple[str, tuple[Shape, ...], list[str]]:
+    """(language, shapes, question types) of a row. The types come first (distinct, so the questions are too)
+    and the shape count is uniform over what they allow: relations need two shapes."""
+    lang = config.lang if config.lang != "both" else ("en", "zh")[int(rng.integers(2))]
+    allowed = config.question_types()
+    question_types = [allowed[i] for i in rng.permutation(len(allowed))[:turns]]
+    fewest = 2 if "relation" in question_types else 1
+    count = int(rng.integers(fewest, config.max_shapes + 1))
+    return lang, sample_shapes(rng, count, held_out, config), question_types
+
+
+def _scene_json(shapes: tuple[Shape, ...]) -> str:
+    return json.dumps([{"kind": s.kind, "colour": s.colour, "cell": s.cell, "x": round(s.x, 2), "y": round(s.y, 2),
+                        "radius": round(s.radius, 2)} for s in shapes])
+
+
+def _image_message(text: str) -> dict:
+    return {"role": "user", "content": f"<image>\n{text}"}
+
+
+def draw_row(config: SynthConfig, file: str, index: int) -> tuple[np.random.Generator, str, tuple[Shape, ...], list]:
+    """Row `index` of a VLM file before rendering: (its random stream, language, shapes, asked) where asked is
+    [(question_type, question, answer)]: a caption for vlm_pretrain, `turns` questions for vlm_sft, one for
+    vlm_test."""
+    rng = _row_rng(config, file, index)
+    turns = {"vlm_pretrain": 0, "vlm_sft": config.turns, "vlm_test": 1}[file]
+    lang, shapes, question_types = _scene(rng, config, file == "vlm_test", turns)
+    if file == "vlm_pretrain":
+        asked = [("caption", _pick(rng, CAPTION_PROMPTS[lang]), caption(shapes, lang))]
+    else:
+        asked = ask_several(rng, shapes, lang, question_types, config)
+    return rng, lang, shapes, asked
+
+
+def vlm_row(config: SynthConfig, file: str, index: int) -> dict:
+    """One parquet row: the reference columns plus question / answer / question_type (lists, one entry per
+    turn, in vlm_sft), lang and the scene as JSON."""
+    rng, lang, shapes, asked = draw_row(config, file, index)
+    messages = []
+    for turn, (_, question, answer) in enumerate(asked):
+        messages.append(_image_message(question) if turn == 0 else {"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": answer})
+    image = encode_image(render(shapes, rng, config), config.image_format)
+    types, questions, answers = (list(column) for column in zip(*asked))
+    per_turn = file == "vlm_sft"
+    return {
+        "conversations": json.dumps(messages, ensure_ascii=False),
+        "image_bytes": image,
+        "question": questions if per_turn else questions[0],
+        "answer": answers if per_turn else answers[0],
+        "question_type": types if per_turn else types[0],
+        "lang": lang,
+        "scene": _scene_json(shapes),
+    }
+
+
+def text_record(config: SynthConfig, file: str, index: int) -> dict:
+    """A text-only record about a described scene: `text` for llm_pretrain, `conversations` for llm_sft."""
+    rng = _row_rng(config, file, index)
+    lang, shapes, question_types = _scene(rng, config, False, config.turns)
+    description = caption(shapes, lang)
+    asked = ask_several(rng, shapes, lang, question_types, config)
+    if file == "llm_pretrain":
+        return {"text": "\n".join([description] + [f"{q} {a}" for _, q, a in asked])}
+    messages = []
+    for turn, (_, question, answer) in enumerate(asked):
+        content = f"{description}\n{question}" if turn == 0 else question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return {"conversations": messages}
+
+
+def parquet_schema(file: str) -> pa.Schema:
+    """The reference columns (`conversations`, `image_bytes`) first, then evaluation metadata."""
+    text = pa.list_(pa.string()) if file == "vlm_sft" else pa.string()
+    return pa.schema([
+        ("conversations", pa.string()), ("image_bytes", pa.binary()), ("question", text), ("answer", text),
+        ("question_type", text), ("lang", pa.string()), ("scene", pa.string()),
+    ])
+
+
+def write_parquet(rows: Iterable[dict], path: str, schema: pa.Schema, row_group_size: int) -> int:
+    """Stream rows to a parquet file, one row group at a time (memory holds at most one group), through a
+    temporary file renamed at the end. Returns the number of rows."""
+    def groups() -> Iterator[list[dict]]:
+        group: list[dict] = []
+        for row in rows:
+            group.append(row)
+            if len(group) == row_group_size:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def write(tmp: str) -> int:
+        count = 0
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for group in groups():
+                writer.write_table(pa.Table.from_pylist(group, schema=schema), row_group_size=row_group_size)
+                count += len(group)
+        return count
+
+    return _atomically(path, write)
+
+
+def write_jsonl(records: Iterable[dict], path: str) -> int:
+    def write(tmp: str) -> int:
+        count = 0
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        return count
+
+    return _atomically(path, write)
+
+
+def _atomically(path: str, write: Callable[[str], int]) -> int:
+    """Run `write(tmp)` and rename tmp over `path`; a failed write leaves no partial file."""
+    tmp = path + ".tmp"
+    try:
+        count = write(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    return count
+
+
+def generate(config: SynthConfig, out_dir: str, rows: dict[str, int], row_group_size: int = 2048,
+             progress: Callable[[Iterator, str, int], Iterator] | None = None) -> dict[str, str]:
+    """Write each file of `rows` (file -> row count) under `out_dir`; returns file -> path."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for file, count in rows.items():
+        path = os.path.join(out_dir, FILE_NAMES[file])
+        make = text_record if file.startswith("llm_") else vlm_row
+        records: Iterator = (make(config, file, i) for i in range(count))
+        if progress is not None:
+            records = progress(records, file, count)
+        if file.startswith("llm_"):
+            write_jsonl(records, path)
+        else:
+            write_parquet(records, path, parquet_schema(file), row_group_size)
+        paths[file] = path
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out_dir", default="dataset/synth", help="folder for the generated files")
+    parser.add_argument("--train_rows", type=int, default=20000, help="rows of vlm_sft.parquet")
+    parser.add_argument("--test_rows", type=int, default=1000, help="rows of vlm_test.parquet (held-out layouts)")
+    parser.add_argument("--pretrain_rows", type=int, default=None,
+                        help="rows of vlm_pretrain.parquet (captions); default: --train_rows")
+    parser.add_argument("--text_rows", type=int, default=None,
+                        help="lines of llm_pretrain.jsonl and of llm_sft.jsonl; default: --train_rows")
+    parser.add_argument("--files", nargs="+", choices=FILES, default=list(FILES), help="which files to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lang", choices=["en", "zh", "both"], default="both",
+                        help="language of questions and answers; both = a random language per row")
+    parser.add_argument("--turns", type=int, default=3,
+                        help="questions per vlm_sft / llm_sft conversation (vlm_test always has one)")
+    parser.add_argument("--image_size", type=int, default=64, help="side of the square images in pixels")
+    parser.add_argument("--image_format", choices=["jpeg", "png"], default="jpeg")
+    parser.add_argument("--noise", type=float, default=8.0,
+                        help="largest std of the Gaussian pixel noise (each image draws one in [0, noise])")
+    parser.add_argument("--texture", type=float, default=0.5, help="probability of a textured background")
+    parser.add_argument("--row_group_size", type=int, default=2048, help="parquet rows written at a time")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="shape kinds to draw")
+    parser.add_argument("--colours", nargs="+", choices=list(COLOURS), default=list(COLOURS), help="colours to use")
+    parser.add_argument("--max_shapes", type=int, default=MAX_SHAPES, choices=range(1, MAX_SHAPES + 1),
+                        help="most shapes in one image (the count is uniform from 1 to this)")
+
+
+def _check(args) -> None:
+    if args.image_size < 32:
+        raise SystemExit(f"data synth: --image_size must be at least 32 (got {args.image_size})")
+    types = len(QUESTION_TYPES) - (args.max_shapes == 1)
+    if not 1 <= args.turns <= types:
+        raise SystemExit(f"data synth: --turns must be between 1 and {types}, one question per type "
+                         f"(got {args.turns})")
+    for name in ("kinds", "colours"):
+        chosen = getattr(args, name)
+        if len(set(chosen)) != len(chosen) or len(chosen) <= args.max_shapes:
+            raise SystemExit(f"data synth: --{name} needs more distinct entries than --max_shapes ({args.max_shapes}) "
+                             f"so that every image lacks one; got {chosen}")
+    if not 0 <= args.texture <= 1:
+        raise SystemExit(f"data synth: --texture is a probability in [0, 1] (got {args.texture})")
+    if args.noise < 0 or args.row_group_size < 1:
+        raise SystemExit("data synth: --noise must be >= 0 and --row_group_size >= 1")
+    counts = (args.train_rows, args.test_rows, args.pretrain_rows or 0, args.text_rows or 0)
+    if min(counts) < 0:
+        raise SystemExit("data synth: row counts must not be negative")
+
+
+def main(args) -> None:
+    from tqdm import tqdm
+
+    _check(args)
+    config = SynthConfig(image_size=args.image_size, lang=args.lang, turns=args.turns, noise=args.noise,
+                         texture=args.texture, image_format=args.image_format, seed=args.seed,
+                         kinds=tuple(args.kinds), colours=tuple(args.colours), max_shapes=args.max_shapes)
+    pretrain = args.train_rows if args.pretrain_rows is None else args.pretrain_rows
+    text = args.train_rows if args.text_rows is None else args.text_rows
+    counts = {"llm_pretrain": text, "llm_sft": text, "vlm_pretrain": pretrain, "vlm_sft": args.train_rows,
+              "vlm_test": args.test_rows}
+    rows = {file: counts[file] for file in FILES if file in args.files}
+    start = time.perf_counter()
+    bar = lambda records, file, count: tqdm(records, total=count, desc=file, unit="row", leave=False, disable=None)
+    paths = generate(config, args.out_dir, rows, args.row_group_size, progress=bar)
+    info = {"config": asdict(config), "rows": rows, "files": {f: os.path.basename(p) for f, p in paths.items()},
+            "held_out_fraction": HELD_OUT_FRACTION, "question_types": list(config.question_types()),
+            "positions": list(POSITIONS)}
+    with open(os.path.join(args.out_dir, "synth_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, ensure_ascii=False, indent=2)
+    for file, path in paths.items():
+        print(f"{path}: {rows[file]} rows, {os.path.getsize(path) / 1e6:.1f} MB")
+    print(f"generated in {time.perf_counter() - start:.1f}s")

@@ -1,0 +1,230 @@
+"""`minimind-v data synth`: determinism, schema, labels that match the pixels, the held-out guarantee,
+answer balance (a question alone must not reveal its answer) and streaming writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from minimind_v import synth
+from minimind_v.cli import main as cli
+
+SMALL = ["--train_rows", "60", "--test_rows", "40", "--pretrain_rows", "20", "--text_rows", "20"]
+
+
+def run_synth(out_dir, *extra: str) -> None:
+    cli(["data", "synth", "--out_dir", str(out_dir), *SMALL, *extra])
+
+
+def read_rows(path, **kwargs) -> list[dict]:
+    return pq.read_table(path, **kwargs).to_pylist()
+
+
+def test_same_arguments_give_identical_files_and_another_seed_does_not(tmp_path):
+    run_synth(tmp_path / "a", "--seed", "3")
+    run_synth(tmp_path / "b", "--seed", "3")
+    run_synth(tmp_path / "c", "--seed", "4")
+    for name in [*synth.FILE_NAMES.values(), "synth_info.json"]:
+        first = (tmp_path / "a" / name).read_bytes()
+        assert first == (tmp_path / "b" / name).read_bytes(), name
+        if name != "synth_info.json":
+            assert first != (tmp_path / "c" / name).read_bytes(), name
+
+
+def test_rows_do_not_depend_on_how_many_are_written(tmp_path):
+    config = synth.SynthConfig(seed=1)
+    synth.generate(config, str(tmp_path / "few"), {"vlm_sft": 5})
+    synth.generate(config, str(tmp_path / "many"), {"vlm_sft": 30}, row_group_size=7)
+    few = read_rows(tmp_path / "few" / "vlm_sft.parquet")
+    assert few == read_rows(tmp_path / "many" / "vlm_sft.parquet")[:5]
+
+
+def test_files_follow_the_reference_schema(tmp_path):
+    run_synth(tmp_path, "--turns", "2", "--image_size", "48", "--image_format", "png")
+    info = json.loads((tmp_path / "synth_info.json").read_text())
+    assert info["rows"] == {"llm_pretrain": 20, "llm_sft": 20, "vlm_pretrain": 20, "vlm_sft": 60, "vlm_test": 40}
+    for name in ("vlm_pretrain", "vlm_sft", "vlm_test"):
+        path = tmp_path / f"{name}.parquet"
+        reference_view = read_rows(path, columns=["conversations", "image_bytes"])  # what reference readers load
+        assert len(reference_view) == info["rows"][name]
+        turns = 2 if name == "vlm_sft" else 1
+        for row in reference_view[:10]:
+            messages = json.loads(row["conversations"])
+            assert [m["role"] for m in messages] == ["user", "assistant"] * turns
+            assert messages[0]["content"].startswith("<image>\n")
+            assert all("<image>" not in m["content"] for m in messages[1:])
+            image = Image.open(io.BytesIO(row["image_bytes"]))
+            assert (image.format, image.size, image.mode) == ("PNG", (48, 48), "RGB")
+    sft = read_rows(tmp_path / "vlm_sft.parquet")[0]
+    messages = json.loads(sft["conversations"])
+    assert sft["question"] == [messages[0]["content"].removeprefix("<image>\n"), messages[2]["content"]]
+    assert sft["answer"] == [messages[1]["content"], messages[3]["content"]]
+    assert all(t in synth.QUESTION_TYPES for t in sft["question_type"])
+    assert {r["question_type"] for r in read_rows(tmp_path / "vlm_pretrain.parquet")} == {"caption"}
+    text = [json.loads(line) for line in (tmp_path / "llm_pretrain.jsonl").read_text().splitlines()]
+    assert len(text) == 20 and all(isinstance(r["text"], str) and r["text"] for r in text)
+    chats = [json.loads(line) for line in (tmp_path / "llm_sft.jsonl").read_text().splitlines()]
+    assert all([m["role"] for m in c["conversations"]] == ["user", "assistant"] * 2 for c in chats)
+
+
+def test_languages(tmp_path):
+    run_synth(tmp_path / "en", "--lang", "en", "--files", "vlm_test")
+    run_synth(tmp_path / "zh", "--lang", "zh", "--files", "vlm_test")
+    run_synth(tmp_path / "both", "--files", "vlm_test")
+    cjk = lambda text: any("\u4e00" <= ch <= "\u9fff" for ch in text)
+    en = read_rows(tmp_path / "en" / "vlm_test.parquet")
+    zh = read_rows(tmp_path / "zh" / "vlm_test.parquet")
+    assert not any(cjk(r["conversations"]) for r in en) and {r["lang"] for r in en} == {"en"}
+    assert all(cjk(r["question"]) and cjk(r["answer"]) for r in zh)
+    assert {r["lang"] for r in read_rows(tmp_path / "both" / "vlm_test.parquet")} == {"en", "zh"}
+    assert not (tmp_path / "en" / "vlm_sft.parquet").exists()
+
+
+def test_labels_match_the_pixels():
+    """Each shape's centre pixel has its colour, and the image shows nothing where no shape is."""
+    config = synth.SynthConfig(image_format="png", noise=0.0, texture=0.0)
+    palette = np.array(list(synth.COLOURS.values()), dtype=float)
+    for index in range(40):
+        row = synth.vlm_row(config, "vlm_test", index)
+        pixels = np.asarray(Image.open(io.BytesIO(row["image_bytes"])), dtype=float)
+        occupied = set()
+        for shape in json.loads(row["scene"]):
+            centre = pixels[int(shape["y"]), int(shape["x"])]
+            nearest = list(synth.COLOURS)[int(np.argmin(np.abs(palette - centre).sum(axis=1)))]
+            assert nearest == shape["colour"], (index, shape)
+            assert shape["cell"] == 2 * int(shape["y"] >= 32) + int(shape["x"] >= 32)
+            occupied.add(shape["cell"])
+        for cell in set(range(4)) - occupied:  # empty cells are plain background
+            top, left = 32 * (cell // 2), 32 * (cell % 2)
+            assert np.ptp(pixels[top:top + 32, left:left + 32], axis=(0, 1)).max() <= 2
+
+
+def test_answers_follow_from_the_scene():
+    config = synth.SynthConfig(lang="en")
+    checked = Counter()
+    for index in range(300):
+        row = synth.vlm_row(config, "vlm_test", index)
+        shapes = json.loads(row["scene"])
+        by_kind = {s["kind"]: s for s in shapes}
+        question, answer, kind = row["question"], row["answer"], row["question_type"]
+        named = [k for k in synth.KINDS if f"the {k}" in question]
+        if kind == "colour":
+            assert answer == by_kind[named[0]]["colour"]
+        elif kind == "count":
+            assert answer == synth.EN_NUMBERS[len(shapes) - 1]
+        elif kind == "position":
+            assert answer == synth.POSITIONS[by_kind[named[0]]["cell"]]
+        elif kind == "presence":
+            words = {s["kind"] for s in shapes} | {s["colour"] for s in shapes}
+            asked = question.split()[3].removesuffix("?")  # "Is there a(n) WORD[ shape]?"
+            assert answer == ("yes" if asked in words else "no")
+        elif kind == "relation":
+            a, b = (by_kind[k] for k in sorted(named, key=question.index))
+            truth = {"to the left of": a["cell"] % 2 < b["cell"] % 2, "to the right of": a["cell"] % 2 > b["cell"] % 2,
+                     "above": a["cell"] // 2 < b["cell"] // 2, "below": a["cell"] // 2 > b["cell"] // 2}
+            relation = next(r for r in truth if f" {r} " in question)
+            assert answer == ("yes" if truth[relation] else "no")
+        checked[kind] += 1
+    assert set(checked) == set(synth.QUESTION_TYPES)
+
+
+def test_captions_describe_every_cell():
+    for index in range(50):
+        row = synth.vlm_row(synth.SynthConfig(lang="en"), "vlm_pretrain", index)
+        by_cell = {s["cell"]: s for s in json.loads(row["scene"])}
+        count, *slots = row["answer"].rstrip(".").split(". ")
+        number = synth.EN_NUMBERS[len(by_cell) - 1]
+        assert count.lower() == (f"{number} shapes" if len(by_cell) > 1 else "one shape")
+        for cell, slot in enumerate(slots):
+            position, content = slot.split(": ")
+            assert position.lower() == synth.POSITIONS[cell]
+            shape = by_cell.get(cell)
+            assert content == (f"{synth._article(shape['colour'])} {shape['colour']} {shape['kind']}" if shape
+                               else "nothing")
+
+
+def test_test_layouts_never_appear_in_training(tmp_path):
+    """The split is a fixed hash of the layout, so it holds across files and seeds."""
+    run_synth(tmp_path / "a", "--seed", "0", "--train_rows", "400", "--test_rows", "200")
+    run_synth(tmp_path / "b", "--seed", "1", "--files", "vlm_test", "--test_rows", "200")
+
+    def layouts(path) -> set[str]:
+        return {synth.layout_key(synth.Shape(s["kind"], s["colour"], s["cell"], 0, 0, 0) for s in json.loads(r))
+                for r in pq.read_table(path, columns=["scene"]).column("scene").to_pylist()}
+
+    train = layouts(tmp_path / "a" / "vlm_sft.parquet") | layouts(tmp_path / "a" / "vlm_pretrain.parquet")
+    test = layouts(tmp_path / "a" / "vlm_test.parquet") | layouts(tmp_path / "b" / "vlm_test.parquet")
+    assert len(test) > 100 and len(train) > 300
+    assert not train & test
+    assert all(synth.is_held_out(key) for key in test) and not any(synth.is_held_out(key) for key in train)
+    shares = [synth.is_held_out(f"{i}:circle:red") for i in range(4000)]
+    assert abs(np.mean(shares) - synth.HELD_OUT_FRACTION) < 0.02
+
+
+def test_a_question_alone_does_not_reveal_its_answer():
+    """The best guess from the question text alone (each distinct question's most frequent training answer)
+    does no better on held-out rows than always giving the type's most frequent training answer; and no
+    answer dominates a type."""
+    config = synth.SynthConfig(lang="both")
+    train = [(lang, *a) for _, lang, _, asked in (synth.draw_row(config, "vlm_sft", i) for i in range(3000))
+             for a in asked]
+    test = [(lang, *asked[0]) for _, lang, _, asked in (synth.draw_row(config, "vlm_test", i) for i in range(3000))]
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    by_type: dict[tuple, Counter] = defaultdict(Counter)
+    for lang, kind, question, answer in train:
+        by_question[question][answer] += 1
+        by_type[kind, lang][answer] += 1
+    for (kind, lang), answers in by_type.items():
+        assert max(answers.values()) / sum(answers.values()) < 0.6, (kind, lang, answers)
+    guess = lambda counter: counter.most_common(1)[0][0]
+    text_only = np.mean([q in by_question and guess(by_question[q]) == a for _, _, q, a in test])
+    majority = np.mean([guess(by_type[kind, lang]) == a for lang, kind, _, a in test])
+    assert text_only <= majority + 0.03, (text_only, majority)
+    assert majority < 0.36
+
+
+def test_parquet_rows_are_flushed_one_group_at_a_time(tmp_path):
+    """Memory stays bounded: while rows are still being produced, earlier groups are already on disk."""
+    path = str(tmp_path / "stream.parquet")
+    sizes = []
+
+    def rows():
+        for index in range(50):
+            if index % 10 == 0:
+                sizes.append(os.path.getsize(path + ".tmp") if os.path.exists(path + ".tmp") else 0)
+            yield synth.vlm_row(synth.SynthConfig(), "vlm_test", index)
+
+    written = synth.write_parquet(rows(), path, synth.parquet_schema("vlm_test"), row_group_size=10)
+    assert written == 50
+    assert all(later > earlier for earlier, later in zip(sizes[1:], sizes[2:])), sizes
+    assert pq.ParquetFile(path).metadata.num_row_groups == 5
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_an_easier_task_uses_only_the_chosen_vocabulary(tmp_path):
+    run_synth(tmp_path, "--kinds", "circle", "square", "triangle", "--colours", "red", "blue", "green",
+              "--max_shapes", "2", "--lang", "en", "--turns", "6", "--test_rows", "200")
+    rows = read_rows(tmp_path / "vlm_test.parquet")
+    shapes = [s for r in rows for s in json.loads(r["scene"])]
+    assert {s["kind"] for s in shapes} == {"circle", "square", "triangle"}
+    assert {s["colour"] for s in shapes} == {"red", "blue", "green"}
+    assert {len(json.loads(r["scene"])) for r in rows} == {1, 2}
+    assert {r["answer"] for r in rows if r["question_type"] == "presence"} == {"yes", "no"}
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--image_size"):
+        run_synth(tmp_path, "--image_size", "16")
+    with pytest.raises(SystemExit, match="--turns"):
+        run_synth(tmp_path, "--turns", "0")
+    with pytest.raises(SystemExit, match="--turns"):
+        run_synth(tmp_path, "--turns", "6", "--max_shapes", "1")
+    with pytest.raises(SystemExit, match="--kinds needs more distinct entries than --max_shapes"):
+        run_synth(tmp_path, "--kinds", "circle", "square", "--max_shapes", "2")
