@@ -65,6 +65,7 @@ class MiniMindConfig(PretrainedConfig):
         norm_topk_prob: bool = True,
         router_aux_loss_coef: float = 5e-4,
         tie_word_embeddings: bool = True,
+        initializer_range: float = 0.02,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -87,6 +88,7 @@ class MiniMindConfig(PretrainedConfig):
         self.moe_intermediate_size = moe_intermediate_size or self.intermediate_size
         self.norm_topk_prob = norm_topk_prob
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.initializer_range = initializer_range  # std of the from-scratch init; only new weights use it
         # The scaling follows `inference_rope_scaling` alone, as in the reference; saved copies are ignored.
         kwargs.pop("rope_scaling", None)
         kwargs.pop("rope_parameters", None)

@@ -378,9 +378,10 @@ class MiniMindForCausalLM(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Reference initialisation: N(0, 0.02) for linear and embedding weights, ones for RMSNorm."""
+        """Reference initialisation: N(0, initializer_range) for linear and embedding weights (0.02, the
+        transformers default the reference relies on), ones for RMSNorm."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
             if getattr(module, "bias", None) is not None:
                 module.bias.data.zero_()
         elif isinstance(module, RMSNorm):

@@ -180,14 +180,14 @@ def resolve_vision(vision_model: str | None) -> tuple[str | None, dict | None]:
     return vision_model, tower_config.to_dict()
 
 
-def vlm_config_from_args(vision_model: str | None, args, vocab_size: int) -> VLMConfig:
+def vlm_config_from_args(vision_model: str | None, args, vocab_size: int, **overrides) -> VLMConfig:
     """The VLMConfig that native weights need: decoder shape from the reference flags (`hidden_size`,
     `num_hidden_layers`, `use_moe`), vocabulary from the tokenizer, image dims from the tower."""
     tower_path, tower_config = resolve_vision(vision_model)
     dims = vision_dims(tower_config) if tower_config else {}
     return VLMConfig(
         hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
-        vocab_size=vocab_size, vision_config=None if tower_path else tower_config, **dims,
+        vocab_size=vocab_size, vision_config=None if tower_path else tower_config, **dims, **overrides,
     )
 
 
