@@ -107,26 +107,31 @@ def test_labels_match_the_pixels():
 
 
 def test_answers_follow_from_the_scene():
+    """Questions name a shape by its position or its colour; every answer is what the scene says."""
     config = synth.SynthConfig(lang="en")
     checked = Counter()
     for index in range(300):
         row = synth.vlm_row(config, "vlm_test", index)
         shapes = json.loads(row["scene"])
-        by_kind = {s["kind"]: s for s in shapes}
+        by_colour = {s["colour"]: s for s in shapes}
+        by_position = {synth.POSITIONS[s["cell"]]: s for s in shapes}
         question, answer, kind = row["question"], row["answer"], row["question_type"]
-        named = [k for k in synth.KINDS if f"the {k}" in question]
+        colours = sorted((c for c in synth.COLOURS if f"the {c} shape" in question), key=question.index)
+        position = next((p for p in synth.POSITIONS if question.endswith(f"at the {p}?")), None)
         if kind == "colour":
-            assert answer == by_kind[named[0]]["colour"]
+            assert answer == by_position[position]["colour"]
+        elif kind == "shape":
+            assert answer == (by_position[position] if position else by_colour[question.split()[-1][:-1]])["kind"]
         elif kind == "count":
             assert answer == synth.EN_NUMBERS[len(shapes) - 1]
         elif kind == "position":
-            assert answer == synth.POSITIONS[by_kind[named[0]]["cell"]]
+            assert answer == synth.POSITIONS[by_colour[colours[0]]["cell"]]
         elif kind == "presence":
             words = {s["kind"] for s in shapes} | {s["colour"] for s in shapes}
             asked = question.split()[3].removesuffix("?")  # "Is there a(n) WORD[ shape]?"
             assert answer == ("yes" if asked in words else "no")
         elif kind == "relation":
-            a, b = (by_kind[k] for k in sorted(named, key=question.index))
+            a, b = (by_colour[c] for c in colours)
             truth = {"to the left of": a["cell"] % 2 < b["cell"] % 2, "to the right of": a["cell"] % 2 > b["cell"] % 2,
                      "above": a["cell"] // 2 < b["cell"] // 2, "below": a["cell"] // 2 > b["cell"] // 2}
             relation = next(r for r in truth if f" {r} " in question)

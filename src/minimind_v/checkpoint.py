@@ -32,11 +32,6 @@ def resume_path(checkpoint_dir: str, save_weight: str, hidden_size: int, use_moe
     return os.path.join(checkpoint_dir, f"{save_weight}_{hidden_size}{'_moe' if use_moe else ''}_resume.pth")
 
 
-def vision_folder(out_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:
-    """Where a trained tower goes, next to the weights: `{out_dir}/{save_weight}_{hidden}[_moe]_vision`."""
-    return os.path.join(out_dir, f"{save_weight}_{hidden_size}{'_moe' if use_moe else ''}_vision")
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Float32 CPU copies of the parameters that require grad (tied parameters once)."""
     return {name: p.detach().to("cpu", torch.float32, copy=True)

@@ -239,12 +239,14 @@ def _pick(rng: np.random.Generator, options):
 
 def ask(rng: np.random.Generator, shapes: tuple[Shape, ...], question_type: str, lang: str,
         config: SynthConfig) -> tuple[str, str]:
-    """(question, canonical answer) of one type about a scene."""
+    """(question, canonical answer) of one type about a scene. A question names a shape by its position or its
+    colour, never by its kind: a kind takes several patches to recognise, so binding a kind to an attribute is
+    far slower to learn from zero than the other pairings, and the demo's budget is minutes."""
     shape = _pick(rng, shapes)
     kind, colour, position = (say(w, lang) for w in (shape.kind, shape.colour, POSITIONS[shape.cell]))
     zh = lang == "zh"
     if question_type == "colour":
-        return (f"{kind}是什么颜色？" if zh else f"What colour is the {kind}?"), colour
+        return (f"{position}的形状是什么颜色？" if zh else f"What colour is the shape at the {position}?"), colour
     if question_type == "shape":
         if rng.random() < 0.5:
             return (f"{position}是什么形状？" if zh else f"What shape is at the {position}?"), kind
@@ -253,7 +255,7 @@ def ask(rng: np.random.Generator, shapes: tuple[Shape, ...], question_type: str,
         answer = (ZH_NUMBERS if zh else EN_NUMBERS)[len(shapes) - 1]
         return ("图中有几个形状？" if zh else "How many shapes are there?"), answer
     if question_type == "position":
-        return (f"{kind}在哪里？" if zh else f"Where is the {kind}?"), position
+        return (f"{colour}的形状在哪里？" if zh else f"Where is the {colour} shape?"), position
     if question_type == "presence":
         return _ask_presence(rng, shapes, lang, config)
     if question_type == "relation":
@@ -276,7 +278,7 @@ def _ask_presence(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str
 
 
 def _ask_relation(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str) -> tuple[str, str]:
-    """Asks "Is the circle to the left of the square?" about two shapes in different columns or rows; the answer
+    """Asks "Is the red shape to the left of the blue shape?" about two shapes in different columns or rows; the answer
     is drawn first (50/50), then the relation word that gives it."""
     yes = bool(rng.random() < 0.5)
     first, second = (shapes[i] for i in rng.permutation(len(shapes))[:2])
@@ -284,10 +286,10 @@ def _ask_relation(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str
     axis = _pick(rng, [a for a, delta in deltas.items() if delta])
     name = next(n for n, (a, sign, _, _) in RELATIONS.items() if a == axis and (sign == np.sign(deltas[axis])) == yes)
     _, _, en_phrase, zh_phrase = RELATIONS[name]
-    a, b = say(first.kind, lang), say(second.kind, lang)
+    a, b = say(first.colour, lang), say(second.colour, lang)
     if lang == "zh":
-        return f"{a}在{b}的{zh_phrase}吗？", YES_NO["zh_relation"][0 if yes else 1]
-    return f"Is the {a} {en_phrase} the {b}?", YES_NO["en"][0 if yes else 1]
+        return f"{a}的形状在{b}的形状的{zh_phrase}吗？", YES_NO["zh_relation"][0 if yes else 1]
+    return f"Is the {a} shape {en_phrase} the {b} shape?", YES_NO["en"][0 if yes else 1]
 
 
 def caption(shapes: tuple[Shape, ...], lang: str) -> str:

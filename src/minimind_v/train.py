@@ -41,7 +41,6 @@ from .checkpoint import (
     save_vision_tower,
     set_rng_state,
     trainable_state,
-    vision_folder,
 )
 from .config import MiniMindConfig
 from .data import BAD_REASONS, DataConfig, TrainingData
@@ -53,6 +52,7 @@ from .weights import (
     load_native,
     resolve_vision,
     save_native,
+    vision_folder,
     vlm_config_from_args,
     weight_path,
 )
@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hf_logging.disable_progress_bar()
     processes = distributed.setup(args.device)
-    args.num_workers = min(args.num_workers, os.cpu_count() or 1)
+    args.num_workers = min(args.num_workers, usable_cores())
     if processes.device.type == "cpu":
         torch.set_num_threads(args.num_threads or cpu_threads(args.num_workers))
     stop = StopRequest()
@@ -662,8 +662,13 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> tuple[torch.o
 def cpu_threads(num_workers: int) -> int:
     """This process's share of the cores, leaving one per DataLoader worker: OpenMP threads that compete with
     other busy processes for a core slow every step down far more than one thread fewer does."""
-    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, cores - num_workers)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def ceil_div(a: int, b: int) -> int:

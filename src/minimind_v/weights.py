@@ -48,6 +48,11 @@ def weight_path(out_dir: str, prefix: str, hidden_size: int, use_moe: bool) -> s
     return os.path.join(out_dir, f"{prefix}_{hidden_size}{'_moe' if use_moe else ''}.pth")
 
 
+def vision_folder(out_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:
+    """Where a trained tower goes, next to the weights: `{out_dir}/{save_weight}_{hidden}[_moe]_vision`."""
+    return os.path.join(out_dir, f"{save_weight}_{hidden_size}{'_moe' if use_moe else ''}_vision")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DistributedDataParallel and torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -206,8 +211,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, weight: str = "sft_vlm"
     group.add_argument("--num_hidden_layers", type=int, default=8)
     group.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     group.add_argument("--vision_model", default=None,
-                       help=f"SigLIP tower folder or hub id (default: {DEFAULT_TOWER}, or the tower stored in "
-                            "the --load_from folder), random:<shape>, or none")
+                       help=f"SigLIP tower folder or hub id, random:<shape>, or none (default: the tower stored in the "
+                            f"--load_from folder, else the tower trained with the weights, "
+                            f"{{save_dir}}/{{weight}}_{{hidden}}[_moe]_vision, else {DEFAULT_TOWER})")
     group.add_argument("--tokenizer", default="model",
                        help="tokenizer folder (a --load_from folder with its own tokenizer takes precedence)")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -226,11 +232,16 @@ def load_model_from_args(args, dtype: torch.dtype = torch.float32):
         model = load_pretrained_folder(args.load_from, vision_model=vision)
     else:
         tokenizer = load_tokenizer(args.tokenizer)
-        vision = args.vision_model or DEFAULT_TOWER
+        trained_tower = vision_folder(args.save_dir, args.weight, args.hidden_size, bool(args.use_moe))
+        vision = args.vision_model or (trained_tower if os.path.isdir(trained_tower) else DEFAULT_TOWER)
         config = vlm_config_from_args(vision, args, len(tokenizer))
         tower_path, _ = resolve_vision(vision)
         path = weight_path(args.save_dir, args.weight, args.hidden_size, bool(args.use_moe))
-        model = build_model(config, path, vision_model=tower_path)
+        model = build_model(config, vision_model=tower_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no weight file at {path!r}")
+        # Without a tower, text-only LLM weights (pretrain_*.pth, llm_*.pth: no projector) load as well.
+        load_native(model, path, optional_prefixes=("vision_proj.",) if vision == "none" else ())
     return model.to(device=args.device, dtype=dtype).eval(), tokenizer
 
 

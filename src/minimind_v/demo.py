@@ -1,0 +1,256 @@
+"""`minimind-v demo`: train a vision-language model from zero on synthetic shapes, offline, and show that it sees.
+
+The demo is a list of ordinary `minimind-v` commands (synth data, tokenizer, LLM pretrain, VLM pretrain, VLM SFT,
+export, eval, plot), printed before each runs, so any step can be rerun or changed by hand. Then it chats
+about a few held-out images with the exported transformers folder and writes a markdown report.
+
+Outputs under --out_dir: data/ (synthetic files), tokenizer/, model/ (native .pth weights and the trained tower),
+hf/ (self-contained transformers folder), runs/ (metrics), loss_*.png, eval.json, predictions.jsonl,
+samples/*.png and report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Step:
+    """One demo step: a `minimind-v` command line and what it is for."""
+
+    title: str
+    argv: list[str]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out_dir", default="demo_out", help="folder for everything the demo writes")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_rows", type=int, default=20000,
+                      help="rows of each training file (questions, captions, LLM text)")
+    data.add_argument("--test_rows", type=int, default=600, help="held-out questions to evaluate")
+    data.add_argument("--lang", choices=["en", "zh", "both"], default="en", help="language of the synthetic data")
+    data.add_argument("--seed", type=int, default=0)
+    model = parser.add_argument_group("model")
+    model.add_argument("--hidden_size", type=int, default=128)
+    model.add_argument("--num_hidden_layers", type=int, default=4)
+    model.add_argument("--vision_model", default="random:small",
+                       help="tower to train from zero (random:tiny, random:small, random:siglip2-base-p32-256)")
+    model.add_argument("--vocab_size", type=int, default=1000,
+                       help="tokenizer vocabulary (the synthetic text needs only a few hundred tokens)")
+    optim = parser.add_argument_group("training")
+    optim.add_argument("--llm_steps", type=int, default=150, help="optimizer steps of LLM pretraining on text")
+    optim.add_argument("--pretrain_steps", type=int, default=500, help="steps of VLM pretraining on captions")
+    optim.add_argument("--sft_steps", type=int, default=1200, help="steps of VLM SFT on questions and captions")
+    optim.add_argument("--batch_size", type=int, default=32)
+    optim.add_argument("--learning_rate", type=float, default=2e-3)
+    optim.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    optim.add_argument("--num_threads", type=int, default=0, help="CPU threads for training (0: every core)")
+    parser.add_argument("--chats", type=int, default=3, help="held-out images to chat about at the end")
+
+
+def _check(args) -> None:
+    for name in ("train_rows", "test_rows", "llm_steps", "pretrain_steps", "sft_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"demo: --{name} must be at least 1 (got {getattr(args, name)})")
+    if args.chats < 0:
+        raise SystemExit("demo: --chats must not be negative")
+
+
+def init_std(hidden_size: int) -> float:
+    """The reference initialises with std 0.02, tuned for hidden 768; narrow models learn much faster when the
+    std grows as 1/sqrt(hidden), like the default of nn.Linear."""
+    return round(0.02 * (768 / hidden_size) ** 0.5, 4)
+
+
+def paths(out_dir: str) -> dict[str, str]:
+    names = ("data", "tokenizer", "model", "hf", "runs", "checkpoints", "samples")
+    return {name: os.path.join(out_dir, name) for name in names}
+
+
+def plan(args) -> list[Step]:
+    """The command lines of the demo, in order."""
+    from .train import usable_cores
+
+    p = paths(args.out_dir)
+    data = lambda name: os.path.join(p["data"], name)  # noqa: E731
+    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+    model = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
+             "--tokenizer", p["tokenizer"]]
+    common = model + [
+        "--batch_size", str(args.batch_size), "--accumulation_steps", "1", "--device", args.device,
+        "--num_threads", str(args.num_threads or usable_cores()),
+        "--out_dir", p["model"], "--checkpoint_dir", p["checkpoints"], "--log_dir", p["runs"],
+        "--initializer_range", str(init_std(args.hidden_size)), "--seed", str(args.seed), "--epochs", "100",
+        "--log_interval", "50", "--save_interval", "200", "--add_system_ratio", "0", "--empty_think_ratio", "1",
+    ]
+    vision = ["--train_vision", "1", "--freeze_llm", "0", "--max_seq_len", "256", "--num_workers", "1"]
+    lr = str(args.learning_rate)
+    trained = ["--save_dir", p["model"], "--weight", "sft_vlm"] + model + ["--device", args.device]
+    return [
+        Step("synthetic data", ["data", "synth", "--out_dir", p["data"], "--train_rows", str(args.train_rows),
+                                "--test_rows", str(args.test_rows), "--lang", args.lang, "--seed", str(args.seed),
+                                "--files", "llm_pretrain", "vlm_pretrain", "vlm_sft", "vlm_test"]),
+        Step("tokenizer", ["train-tokenizer", "--data_path", data("llm_pretrain.jsonl"), "--out_dir", p["tokenizer"],
+                           "--vocab_size", str(args.vocab_size)]),
+        Step("LLM pretraining on text", ["train", "llm-pretrain", "--data_path", data("llm_pretrain.jsonl"),
+                                         "--from_weight", "none", "--max_seq_len", "128", "--num_workers", "1",
+                                         "--learning_rate", lr, "--warmup_steps", "20",
+                                         "--max_steps", str(args.llm_steps)] + common),
+        Step("VLM pretraining on captions", ["train", "vlm-pretrain", "--data_path", data("vlm_pretrain.parquet"),
+                                             "--from_weight", "pretrain", "--vision_model", args.vision_model,
+                                             "--learning_rate", lr, "--warmup_steps", "50",
+                                             "--max_steps", str(args.pretrain_steps)] + vision + common),
+        Step("VLM SFT on questions", ["train", "vlm-sft", "--data_path", data("vlm_sft.parquet"),
+                                      data("vlm_pretrain.parquet"), "--from_weight", "pretrain_vlm",
+                                      "--learning_rate", lr, "--warmup_steps", "50",
+                                      "--max_steps", str(args.sft_steps)] + vision + common),
+        Step("export a transformers folder", ["export", "--out", p["hf"]] + trained),
+        Step("held-out evaluation", ["eval", "--data_path", data("vlm_test.parquet"), "--train_path",
+                                     data("vlm_sft.parquet"), "--blind", "--out", out("eval.json"),
+                                     "--predictions", out("predictions.jsonl")] + trained),
+    ] + [
+        Step(f"loss curve of {run}", ["plot", os.path.join(p["runs"], f"{run}_{args.hidden_size}"),
+                                      "--out", os.path.join(args.out_dir, f"loss_{run}.png")])
+        for run in ("pretrain", "pretrain_vlm", "sft_vlm")
+    ]
+
+
+def run_steps(steps: list[Step]) -> list[tuple[Step, float]]:
+    """Run each command in this process; returns (step, seconds)."""
+    from .cli import main as cli_main
+
+    timings = []
+    for number, step in enumerate(steps, 1):
+        print(f"\n[{number}/{len(steps)}] {step.title}\n$ minimind-v {' '.join(step.argv)}", flush=True)
+        start = time.perf_counter()
+        cli_main(step.argv)
+        timings.append((step, time.perf_counter() - start))
+    return timings
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+    truth: str
+
+
+def sample_chats(args) -> list[tuple[str, str, list[Turn]]]:
+    """Chats about the first held-out images, with the exported folder: [(image file, scene caption, turns)]. Per
+    image, one conversation asks for a caption and another asks as many questions as a training conversation."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from . import synth
+    from .generate import Engine, GenerationConfig
+    from .tokenizer import load_tokenizer
+    from .weights import load_pretrained_folder
+
+    p = paths(args.out_dir)
+    engine = Engine(load_pretrained_folder(p["hf"]).to(args.device).eval(), load_tokenizer(p["hf"]))
+    config = GenerationConfig(max_new_tokens=64, do_sample=False)
+    with open(os.path.join(p["data"], "synth_info.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    synth_config = synth.SynthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()})
+    table = pq.read_table(os.path.join(p["data"], "vlm_test.parquet"), columns=["image_bytes", "scene", "lang"])
+    os.makedirs(p["samples"], exist_ok=True)
+    chats = []
+    for index in range(min(args.chats, table.num_rows)):
+        row = table.slice(index, 1).to_pylist()[0]
+        image = Image.open(io.BytesIO(row["image_bytes"])).convert("RGB")
+        image_file = os.path.join(p["samples"], f"test_{index}.png")
+        image.save(image_file)
+        shapes = tuple(synth.Shape(**s) for s in json.loads(row["scene"]))
+        lang = row["lang"]
+        rng = np.random.default_rng([args.seed, index])
+        allowed = [t for t in synth_config.question_types() if len(shapes) > 1 or t != "relation"]
+        types = [allowed[i] for i in rng.permutation(len(allowed))[:synth_config.turns]]
+        caption = [("caption", synth.CAPTION_PROMPTS[lang][0], synth.caption(shapes, lang))]
+        turns = converse(engine, image, caption, config)  # a caption, then questions, as in the training data
+        turns += converse(engine, image, synth.ask_several(rng, shapes, lang, types, synth_config), config)
+        chats.append((image_file, synth.caption(shapes, lang), turns))
+    return chats
+
+
+def converse(engine, image, asked: list[tuple[str, str, str]], config) -> list[Turn]:
+    """One conversation about `image`: each question is sent with the whole conversation so far."""
+    from .generate import ChatRequest
+
+    messages, turns = [], []
+    for turn_index, (_, question, truth) in enumerate(asked):
+        messages.append({"role": "user", "content": f"<image>\n{question}" if turn_index == 0 else question})
+        reply = engine.generate([ChatRequest(messages=list(messages), images=[image])], config)[0].text.strip()
+        messages.append({"role": "assistant", "content": reply})
+        turns.append(Turn(question, reply, truth))
+    return turns
+
+
+def format_chats(chats, markdown: bool = False) -> str:
+    from .evaluate import normalize_answer
+
+    lines = []
+    for image_file, scene, turns in chats:
+        if markdown:
+            lines += [f"![held-out image]({os.path.relpath(image_file, os.path.dirname(os.path.dirname(image_file)))})",
+                      "", f"Scene: {scene}", "", "| question | model | truth |", "|---|---|---|"]
+            lines += [f"| {t.question} | {t.answer} | {t.truth} |" for t in turns]
+        else:
+            lines += [f"{image_file}  (scene: {scene})"]
+            for t in turns:
+                mark = "ok" if normalize_answer(t.answer) == normalize_answer(t.truth) else "WRONG"
+                lines += [f"  user:  {t.question}", f"  model: {t.answer}   [{mark}; truth: {t.truth}]"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(args, timings, result: dict, chats) -> str:
+    from .evaluate import format_table
+
+    total = sum(seconds for _, seconds in timings)
+    lines = [
+        "# MiniMind-V demo report", "",
+        f"A {args.hidden_size}x{args.num_hidden_layers} MiniMind-V with a `{args.vision_model}` tower, trained from "
+        f"zero on {args.train_rows} synthetic rows per file on `{args.device}` in {total / 60:.1f} minutes.", "",
+        "## Held-out accuracy", "",
+        "Exact match on images whose layouts never occur in training; *blind* answers the same questions with "
+        "every image replaced by one grey image; *majority* always gives the most common training answer.", "",
+        "```", format_table(result), "```", "",
+        "## Sample chats (exported transformers folder, greedy)", "", format_chats(chats, markdown=True),
+        "## Steps", "", "| step | seconds | command |", "|---|---|---|",
+    ]
+    lines += [f"| {step.title} | {seconds:.0f} | `minimind-v {' '.join(step.argv)}` |" for step, seconds in timings]
+    lines += ["", "Loss curves: " + ", ".join(f"![{run}](loss_{run}.png)" for run in ("pretrain", "pretrain_vlm",
+                                                                                      "sft_vlm")), ""]
+    path = os.path.join(args.out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def main(args) -> None:
+    from .evaluate import format_table
+
+    _check(args)
+    start = time.perf_counter()
+    timings = run_steps(plan(args))
+    print(f"\n[chat] {args.chats} held-out images, asked through {paths(args.out_dir)['hf']}", flush=True)
+    chat_start = time.perf_counter()
+    chats = sample_chats(args)
+    timings.append((Step("sample chats", ["chat", "--load_from", paths(args.out_dir)["hf"]]),
+                    time.perf_counter() - chat_start))
+    print(format_chats(chats))
+    with open(os.path.join(args.out_dir, "eval.json"), encoding="utf-8") as f:
+        result = json.load(f)
+    report = write_report(args, timings, result, chats)
+    print(format_table(result))
+    print(f"\nheld-out accuracy {100 * result['accuracy']:.1f}% (blind {100 * result['blind_accuracy']:.1f}%, "
+          f"majority {100 * result['majority_baseline']:.1f}%) in {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"report: {report}\nchat with it: minimind-v chat --load_from {paths(args.out_dir)['hf']}")

@@ -1,0 +1,114 @@
+"""`minimind-v demo`: a miniature run of every step (a few optimizer steps each) writes every promised output,
+and the steps are plain `minimind-v` command lines."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from minimind_v import demo
+from minimind_v.cli import main as cli
+from minimind_v.synth import QUESTION_TYPES
+
+MINIATURE = ["--train_rows", "48", "--test_rows", "12", "--llm_steps", "2", "--pretrain_steps", "2", "--sft_steps",
+             "2", "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "1", "--vision_model",
+             "random:tiny", "--chats", "1", "--device", "cpu", "--num_threads", "1", "--lang", "both"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cli(["demo", "--out_dir", str(out)] + MINIATURE)
+    return out
+
+
+def test_miniature_demo_writes_every_output(demo_run):
+    out = demo_run
+    for path in ("data/vlm_test.parquet", "tokenizer/tokenizer.json", "model/pretrain_64.pth",
+                 "model/pretrain_vlm_64.pth", "model/sft_vlm_64.pth", "model/sft_vlm_64_vision/config.json",
+                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "hf/preprocessor_config.json",
+                 "loss_pretrain.png", "loss_pretrain_vlm.png", "loss_sft_vlm.png", "predictions.jsonl",
+                 "samples/test_0.png", "report.md"):
+        assert (out / path).is_file(), path
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 12
+    for key in ("accuracy", "blind_accuracy", "majority_baseline"):
+        assert 0 <= result[key] <= 1, key
+    assert set(result["per_type"]) <= set(QUESTION_TYPES)
+    report = (out / "report.md").read_text()
+    assert "| overall" not in report and "overall" in report  # the eval table sits in a code block
+    assert "minimind-v train vlm-sft" in report and "![held-out image](samples/test_0.png)" in report
+
+
+def test_exported_folder_chats_like_the_native_weights(demo_run):
+    """The demo's chats go through the exported folder; it must answer exactly as the native weights do."""
+    from PIL import Image
+
+    from minimind_v.generate import ChatRequest, Engine, GenerationConfig
+    from minimind_v.tokenizer import load_tokenizer
+    from minimind_v.weights import load_model_from_args, load_pretrained_folder
+
+    out = demo_run
+    args = SimpleNamespace(load_from=None, save_dir=str(out / "model"), weight="sft_vlm", hidden_size=64,
+                           num_hidden_layers=1, use_moe=0, vision_model=None, tokenizer=str(out / "tokenizer"),
+                           device="cpu")
+    native, tokenizer = load_model_from_args(args)  # finds the trained tower next to the weights
+    exported = load_pretrained_folder(str(out / "hf")).eval()
+    image = Image.open(out / "samples" / "test_0.png")
+    request = [ChatRequest(messages=[{"role": "user", "content": "<image>\nDescribe the image."}], images=[image])]
+    config = GenerationConfig(max_new_tokens=12, do_sample=False)
+    from_native = Engine(native, tokenizer).generate(request, config)[0].token_ids
+    from_export = Engine(exported, load_tokenizer(str(out / "hf"))).generate(request, config)[0].token_ids
+    assert from_native == from_export
+
+
+def test_plan_is_a_chain_of_cli_commands(tmp_path):
+    """Each stage starts from the previous one's weights, and every path lives under --out_dir."""
+    from minimind_v.cli import build_parser
+
+    argv = ["demo", "--out_dir", str(tmp_path)] + MINIATURE
+    args = build_parser(argv).parse_args(argv)
+    steps = demo.plan(args)
+    train = {s.argv[1]: s.argv for s in steps if s.argv[0] == "train"}
+    assert list(train) == ["llm-pretrain", "vlm-pretrain", "vlm-sft"]
+    chain = [argv[argv.index("--from_weight") + 1] for argv in train.values()]
+    assert chain == ["none", "pretrain", "pretrain_vlm"]
+    for step in steps:
+        parser_argv = step.argv
+        build_parser(parser_argv).parse_args(parser_argv)  # every step parses as a real command line
+        for value in parser_argv:
+            if os.sep in value:
+                assert value.startswith(str(tmp_path)), (step.title, value)
+
+
+@pytest.mark.parametrize("flag, value", [("--sft_steps", "0"), ("--train_rows", "0"), ("--chats", "-1")])
+def test_bad_flags_are_refused_before_any_work(tmp_path, flag, value, capsys):
+    with pytest.raises(SystemExit, match=flag.lstrip("-")):
+        cli(["demo", "--out_dir", str(tmp_path / "x"), flag, value])
+    assert not (tmp_path / "x").exists()
+
+
+def test_init_std_grows_as_the_model_narrows():
+    assert demo.init_std(768) == 0.02
+    assert demo.init_std(192) == pytest.approx(0.04)
+
+
+def test_llm_only_weights_load_as_a_text_model(demo_run):
+    """`--vision_model none` loads the LLM stage's weights (no projector in the file) for text chat; with a
+    tower, the same file is refused with the missing projector keys named."""
+    from minimind_v.generate import ChatRequest, Engine, GenerationConfig
+    from minimind_v.weights import load_model_from_args
+
+    args = SimpleNamespace(load_from=None, save_dir=str(demo_run / "model"), weight="pretrain", hidden_size=64,
+                           num_hidden_layers=1, use_moe=0, vision_model="none", tokenizer=str(demo_run / "tokenizer"),
+                           device="cpu")
+    model, tokenizer = load_model_from_args(args)
+    reply = Engine(model, tokenizer).generate([ChatRequest(messages=[{"role": "user", "content": "Hi"}])],
+                                              GenerationConfig(max_new_tokens=4, do_sample=False))[0]
+    assert reply.completion_tokens >= 1
+    args.vision_model = "random:tiny"
+    with pytest.raises(ValueError, match="vision_proj"):
+        load_model_from_args(args)
