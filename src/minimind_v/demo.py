@@ -80,8 +80,8 @@ def plan(args) -> list[Step]:
     from .train import usable_cores
 
     p = paths(args.out_dir)
-    data = lambda name: os.path.join(p["data"], name)  # noqa: E731
-    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+    data = lambda name: os.path.join(p["data"], name)
+    out = lambda name: os.path.join(args.out_dir, name)
     model = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
              "--tokenizer", p["tokenizer"]]
     common = model + [
