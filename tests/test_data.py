@@ -269,7 +269,7 @@ def check_packed_losses(tmp_path, tiny_tokenizer, tiny_vlm):
     config = DataConfig(paths=[str(path)], chat=True, max_seq_len=300, image_token_len=64, shuffle_window=1)
     training = TrainingData(config, tiny_tokenizer, tiny_vlm.image_processor)
     micro = training.epoch(0, 0, batch_size=12)
-    samples = [micro._sample(p) for p in range(12)]
+    samples, _ = micro.samples(np.arange(12))
     assert any(s.pixels is None for s in samples) and any(s.pixels is not None for s in samples)
     packed = pack(samples, 300, image_token_len=64)
     assert packed.input_ids.shape[0] < 12
@@ -287,7 +287,7 @@ def test_text_only_rows_carry_no_image(tmp_path, tiny_tokenizer):
     config = DataConfig(paths=[str(path)], chat=True, max_seq_len=300, image_token_len=64, shuffle_window=1)
     training = TrainingData(config, tiny_tokenizer, ImagePreprocessor(64))
     micro = training.epoch(0, 0, batch_size=5)
-    text_only = [micro._sample(p) for p in range(5)]
+    text_only, _ = micro.samples(np.arange(5))
     text_only = [s for s in text_only if s.pixels is None]
     assert len(text_only) == 1 and not np.any(text_only[0].ids == 12)
     batch = pack(text_only, 300, image_token_len=64)

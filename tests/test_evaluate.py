@@ -187,11 +187,8 @@ def test_files_without_questions_are_refused(tmp_path):
         next(ev.iter_items(str(path)))
 
 
-def test_eval_command_on_a_tiny_random_model(synth_dir, tiny_vlm, tiny_tokenizer, tmp_path):
-    from minimind_v.weights import export_pretrained
-
-    model_dir = tmp_path / "model"
-    export_pretrained(tiny_vlm, str(model_dir), tiny_tokenizer)
+def test_eval_command_on_a_tiny_random_model(synth_dir, tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir
     out, predictions = tmp_path / "report" / "eval.json", tmp_path / "predictions.jsonl"
     test_path, train_path = synth_dir / "vlm_test.parquet", synth_dir / "vlm_sft.parquet"
     cli(["eval", "--load_from", str(model_dir), "--data_path", str(test_path), "--train_path", str(train_path),

@@ -161,7 +161,7 @@ def test_test_layouts_never_appear_in_training(tmp_path):
     run_synth(tmp_path / "b", "--seed", "1", "--files", "vlm_test", "--test_rows", "200")
 
     def layouts(path) -> set[str]:
-        return {synth.layout_key(synth.Shape(s["kind"], s["colour"], s["cell"], 0, 0, 0) for s in json.loads(r))
+        return {synth.layout_key((s["cell"], s["kind"], s["colour"]) for s in json.loads(r))
                 for r in pq.read_table(path, columns=["scene"]).column("scene").to_pylist()}
 
     train = layouts(tmp_path / "a" / "vlm_sft.parquet") | layouts(tmp_path / "a" / "vlm_pretrain.parquet")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
-from typing import BinaryIO, TextIO
+from typing import TextIO
 
 from PIL import Image
 
 from .generate import ChatRequest, Completion, Engine, GenerationConfig, inference_dtype
 from .tokenizer import IMAGE_MARKER
-from .vision import to_rgb
+from .vision import load_image
 from .weights import add_model_arguments, load_model_from_args
 
 HELP = ("commands: /image PATH (attach an image to the next message; repeat for several), /reset, "
@@ -56,21 +56,6 @@ def load_engine_or_exit(args) -> Engine:
         return load_engine(args)
     except (OSError, ValueError) as err:
         raise SystemExit(f"could not load the model: {err}") from err
-
-
-def load_image(source: str | BinaryIO, max_pixels: int | None = None) -> Image.Image:
-    """Read an image (a path or a binary file) in any PIL mode as RGB, or raise ValueError saying why it
-    cannot be read. `max_pixels` refuses larger images before decoding them."""
-    name = source if isinstance(source, str) else "data"
-    try:
-        with Image.open(source) as image:
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                raise ValueError(f"{image.width}x{image.height} pixels is more than the limit of {max_pixels}")
-            image.load()
-            rgb = to_rgb(image)
-            return rgb.copy() if rgb is image else rgb  # the file closes with the `with`
-    except Exception as err:  # PIL signals bad files with many exception types
-        raise ValueError(f"cannot read image {name!r}: {err}") from err
 
 
 def print_reply(engine: Engine, request: ChatRequest, config: GenerationConfig, out: TextIO,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .weights import atomic_save, unwrap
+from .weights import atomic_save, run_name, unwrap
 
 FORMAT = "minimind-v-resume/1"
 
@@ -29,7 +29,7 @@ class ResumeError(RuntimeError):
 
 
 def resume_path(checkpoint_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:
-    return os.path.join(checkpoint_dir, f"{save_weight}_{hidden_size}{'_moe' if use_moe else ''}_resume.pth")
+    return os.path.join(checkpoint_dir, run_name(save_weight, hidden_size, use_moe) + "_resume.pth")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -309,14 +309,7 @@ class SampleBuilder:
     def _chat(self, record: dict, rng: random.Random) -> Sample:
         messages, tools = conversation(record.get("conversations"))
         block = self.config.image_token_len
-        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages
-                      if m["role"] != "system" and isinstance(m["content"], str)) if block else 0
-        if markers and "image_bytes" not in record:
-            raise BadSample("missing_field")
-        # Rows without <image> are text-only; any image they carry (the reference's 8x8 placeholder) is unused.
-        images = image_list(record.get("image_bytes")) if markers else []
-        if markers != len(images):
-            raise BadSample("image_mismatch")
+        images = chat_images(record, messages) if block else []
         if block:
             for m in messages:
                 if m["role"] != "system" and isinstance(m["content"], str):
@@ -350,6 +343,21 @@ class SampleBuilder:
             except (OSError, ValueError, TypeError, Image.DecompressionBombError) as err:
                 raise BadSample("bad_image") from err
         return np.stack(arrays)
+
+
+def chat_images(record: dict, messages: list[dict]) -> list[bytes]:
+    """The encoded images of a chat row, one per `<image>` marker. Rows without markers are text-only; any image
+    they carry (the reference's 8x8 placeholder) is unused. BadSample when markers and images disagree."""
+    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages
+                  if m["role"] != "system" and isinstance(m["content"], str))
+    if not markers:
+        return []
+    if "image_bytes" not in record:
+        raise BadSample("missing_field")
+    images = image_list(record["image_bytes"])
+    if markers != len(images):
+        raise BadSample("image_mismatch")
+    return images
 
 
 def conversation(value) -> tuple[list[dict], list | None]:
@@ -548,18 +556,22 @@ class MicroBatches(torch.utils.data.Dataset):
         first = self.start_row + k * self.rows_per_batch
         positions = first + self.rank + self.world_size * np.arange(self.batch_size)
         positions = positions[positions < self.order.total]
-        samples, bad = [], Counter()
-        for position in positions.tolist():
-            try:
-                samples.append(self._sample(position))
-            except BadSample as err:
-                bad[err.reason] += 1
+        samples, bad = self.samples(positions)
         config = self.data.config
         return pack(samples, config.max_seq_len, config.packing, self.data.builder.image_id,
                     config.image_token_len, config.pad_multiple, len(positions), bad)
 
-    def _sample(self, position: int) -> Sample:
-        window = int(self.order.window_of(np.array([position]))[0])
+    def samples(self, positions: np.ndarray) -> tuple[list[Sample], Counter]:
+        """The usable samples at these (increasing) epoch positions, and the skipped rows counted by reason."""
+        samples, bad = [], Counter()
+        for position, window in zip(positions.tolist(), self.order.window_of(positions).tolist()):
+            try:
+                samples.append(self._sample(position, window))
+            except BadSample as err:
+                bad[err.reason] += 1
+        return samples, bad
+
+    def _sample(self, position: int, window: int) -> Sample:
         chunk_ids, rows, loaded = self._window(window)
         offset = position - int(self.order.window_start[window])
         record = decode_record(loaded[int(chunk_ids[offset])][int(rows[offset])])
@@ -567,12 +579,12 @@ class MicroBatches(torch.utils.data.Dataset):
         return self.data.builder.build(record, rng)
 
     def _window(self, w: int):
-        """(chunk ids, rows, raw rows per chunk) of window w; the last two windows stay cached."""
+        """(chunk ids, rows, raw rows per chunk) of window w. Only the window being read stays cached: each copy
+        of this dataset (one per DataLoader worker) reads its positions in increasing order."""
         if w not in self._windows:
             chunk_ids, rows = self.order.window_rows(w)
             loaded = {int(c): self.reader.read(self.data.chunks[c]) for c in np.unique(chunk_ids)}
-            self._windows = {k: v for k, v in self._windows.items() if k == w - 1}
-            self._windows[w] = (chunk_ids, rows, loaded)
+            self._windows = {w: (chunk_ids, rows, loaded)}
         return self._windows[w]
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+RUNS = ("pretrain", "pretrain_vlm", "sft_vlm")  # the --save_weight of the three training stages
 
 @dataclass
 class Step:
@@ -77,8 +78,6 @@ def paths(out_dir: str) -> dict[str, str]:
 
 def plan(args) -> list[Step]:
     """The command lines of the demo, in order."""
-    from .train import usable_cores
-
     p = paths(args.out_dir)
     data = lambda name: os.path.join(p["data"], name)
     out = lambda name: os.path.join(args.out_dir, name)
@@ -86,7 +85,7 @@ def plan(args) -> list[Step]:
              "--tokenizer", p["tokenizer"]]
     common = model + [
         "--batch_size", str(args.batch_size), "--accumulation_steps", "1", "--device", args.device,
-        "--num_threads", str(args.num_threads or usable_cores()),
+        "--num_threads", str(args.num_threads),
         "--out_dir", p["model"], "--checkpoint_dir", p["checkpoints"], "--log_dir", p["runs"],
         "--initializer_range", str(init_std(args.hidden_size)), "--seed", str(args.seed), "--epochs", "100",
         "--log_interval", "50", "--save_interval", "200", "--add_system_ratio", "0", "--empty_think_ratio", "1",
@@ -119,7 +118,7 @@ def plan(args) -> list[Step]:
     ] + [
         Step(f"loss curve of {run}", ["plot", os.path.join(p["runs"], f"{run}_{args.hidden_size}"),
                                       "--out", os.path.join(args.out_dir, f"loss_{run}.png")])
-        for run in ("pretrain", "pretrain_vlm", "sft_vlm")
+        for run in RUNS
     ]
 
 
@@ -142,41 +141,53 @@ class Turn:
     answer: str
     truth: str
 
+    @property
+    def correct(self) -> bool:
+        """Scored as `minimind-v eval` scores: the first line of the answer, normalised."""
+        from .evaluate import first_line, normalize_answer
 
-def sample_chats(args) -> list[tuple[str, str, list[Turn]]]:
-    """Chats about the first held-out images, with the exported folder: [(image file, scene caption, turns)]. Per
-    image, one conversation asks for a caption and another asks as many questions as a training conversation."""
+        return normalize_answer(first_line(self.answer)) == normalize_answer(self.truth)
+
+
+@dataclass
+class Chat:
+    image_file: str  # relative to --out_dir
+    scene: str  # the true caption
+    turns: list[Turn]
+
+
+def sample_chats(args) -> list[Chat]:
+    """Chats about the first held-out images, with the exported folder. Per image, one conversation asks for a
+    caption and another asks as many questions as a training conversation."""
     import pyarrow.parquet as pq
-    from PIL import Image
 
     from . import synth
     from .generate import Engine, GenerationConfig
     from .tokenizer import load_tokenizer
+    from .vision import load_image
     from .weights import load_pretrained_folder
 
     p = paths(args.out_dir)
     engine = Engine(load_pretrained_folder(p["hf"]).to(args.device).eval(), load_tokenizer(p["hf"]))
     config = GenerationConfig(max_new_tokens=64, do_sample=False)
-    with open(os.path.join(p["data"], "synth_info.json"), encoding="utf-8") as f:
-        info = json.load(f)
-    synth_config = synth.SynthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()})
-    table = pq.read_table(os.path.join(p["data"], "vlm_test.parquet"), columns=["image_bytes", "scene", "lang"])
+    synth_config = synth.read_config(p["data"])
+    test_file = pq.ParquetFile(os.path.join(p["data"], synth.FILE_NAMES["vlm_test"]))
+    batch = next(test_file.iter_batches(batch_size=max(args.chats, 1), columns=["image_bytes", "scene", "lang"]))
     os.makedirs(p["samples"], exist_ok=True)
     chats = []
-    for index in range(min(args.chats, table.num_rows)):
-        row = table.slice(index, 1).to_pylist()[0]
-        image = Image.open(io.BytesIO(row["image_bytes"])).convert("RGB")
-        image_file = os.path.join(p["samples"], f"test_{index}.png")
-        image.save(image_file)
+    for index, row in enumerate(batch.to_pylist()[:args.chats]):
+        image = load_image(io.BytesIO(row["image_bytes"]))
+        image_file = os.path.join("samples", f"test_{index}.png")
+        image.save(os.path.join(args.out_dir, image_file))
         shapes = tuple(synth.Shape(**s) for s in json.loads(row["scene"]))
         lang = row["lang"]
+        scene = synth.caption(shapes, lang)
         rng = np.random.default_rng([args.seed, index])
-        allowed = [t for t in synth_config.question_types() if len(shapes) > 1 or t != "relation"]
+        allowed = synth_config.question_types(len(shapes))
         types = [allowed[i] for i in rng.permutation(len(allowed))[:synth_config.turns]]
-        caption = [("caption", synth.CAPTION_PROMPTS[lang][0], synth.caption(shapes, lang))]
-        turns = converse(engine, image, caption, config)  # a caption, then questions, as in the training data
+        turns = converse(engine, image, [("caption", synth.CAPTION_PROMPTS[lang][0], scene)], config)
         turns += converse(engine, image, synth.ask_several(rng, shapes, lang, types, synth_config), config)
-        chats.append((image_file, synth.caption(shapes, lang), turns))
+        chats.append(Chat(image_file, scene, turns))
     return chats
 
 
@@ -193,19 +204,18 @@ def converse(engine, image, asked: list[tuple[str, str, str]], config) -> list[T
     return turns
 
 
-def format_chats(chats, markdown: bool = False) -> str:
-    from .evaluate import normalize_answer
-
+def format_chats(chats: list[Chat], folder: str = "", markdown: bool = False) -> str:
+    """The chats as terminal text, or as markdown for the report in `folder` (image links relative to it)."""
     lines = []
-    for image_file, scene, turns in chats:
+    for chat in chats:
         if markdown:
-            lines += [f"![held-out image]({os.path.relpath(image_file, os.path.dirname(os.path.dirname(image_file)))})",
-                      "", f"Scene: {scene}", "", "| question | model | truth |", "|---|---|---|"]
-            lines += [f"| {t.question} | {t.answer} | {t.truth} |" for t in turns]
+            lines += [f"![held-out image]({chat.image_file})", "", f"Scene: {chat.scene}", "",
+                      "| question | model | truth |", "|---|---|---|"]
+            lines += [f"| {t.question} | {t.answer} | {t.truth} |" for t in chat.turns]
         else:
-            lines += [f"{image_file}  (scene: {scene})"]
-            for t in turns:
-                mark = "ok" if normalize_answer(t.answer) == normalize_answer(t.truth) else "WRONG"
+            lines += [f"{os.path.join(folder, chat.image_file)}  (scene: {chat.scene})"]
+            for t in chat.turns:
+                mark = "ok" if t.correct else "WRONG"
                 lines += [f"  user:  {t.question}", f"  model: {t.answer}   [{mark}; truth: {t.truth}]"]
         lines.append("")
     return "\n".join(lines)
@@ -227,8 +237,7 @@ def write_report(args, timings, result: dict, chats) -> str:
         "## Steps", "", "| step | seconds | command |", "|---|---|---|",
     ]
     lines += [f"| {step.title} | {seconds:.0f} | `minimind-v {' '.join(step.argv)}` |" for step, seconds in timings]
-    lines += ["", "Loss curves: " + ", ".join(f"![{run}](loss_{run}.png)" for run in ("pretrain", "pretrain_vlm",
-                                                                                      "sft_vlm")), ""]
+    lines += ["", "Loss curves: " + ", ".join(f"![{run}](loss_{run}.png)" for run in RUNS), ""]
     path = os.path.join(args.out_dir, "report.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -246,7 +255,7 @@ def main(args) -> None:
     chats = sample_chats(args)
     timings.append((Step("sample chats", ["chat", "--load_from", paths(args.out_dir)["hf"]]),
                     time.perf_counter() - chat_start))
-    print(format_chats(chats))
+    print(format_chats(chats, args.out_dir))
     with open(os.path.join(args.out_dir, "eval.json"), encoding="utf-8") as f:
         result = json.load(f)
     report = write_report(args, timings, result, chats)

@@ -9,9 +9,10 @@ import argparse
 import os
 import sys
 
-from .chat import add_sampling_arguments, load_engine_or_exit, load_image, print_reply, sampling_config
+from .chat import add_sampling_arguments, load_engine_or_exit, print_reply, sampling_config
 from .generate import ChatRequest
 from .tokenizer import IMAGE_MARKER
+from .vision import load_image
 from .weights import add_model_arguments
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",

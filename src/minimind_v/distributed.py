@@ -16,7 +16,6 @@ import torch.distributed as dist
 @dataclass
 class Processes:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
     control: object | None = None  # gloo process group for CPU tensors (None: the default group is gloo)
@@ -53,7 +52,7 @@ class Processes:
 def setup(device: str) -> Processes:
     """Join the process group when launched by torchrun (RANK set); pick the device of this process."""
     if "RANK" not in os.environ:
-        return Processes(0, 0, 1, torch.device(device))
+        return Processes(0, 1, torch.device(device))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ["WORLD_SIZE"])
     cuda = torch.device(device).type == "cuda"
@@ -62,7 +61,7 @@ def setup(device: str) -> Processes:
     dist.init_process_group("nccl" if cuda else "gloo")
     control = dist.new_group(backend="gloo") if cuda else None
     placed = torch.device("cuda", local_rank) if cuda else torch.device(device)
-    return Processes(rank, local_rank, world_size, placed, control)
+    return Processes(rank, world_size, placed, control)
 
 
 def teardown(processes: Processes) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .synth import EN_NUMBERS, ZH, ZH_NUMBERS
+from .synth import EN_NUMBERS, POSITIONS, ZH, ZH_NUMBERS
 from .tokenizer import IMAGE_MARKER
 
 BLIND_GREY = (128, 128, 128)
@@ -51,9 +51,8 @@ def _equivalents() -> dict[str, str]:
     table.update({zh[:-1]: en for en, zh in ZH.items() if zh.endswith("色")})  # 红色 / 红
     table.update({"圆": "circle", "方形": "square", "正方形": "square", "三角": "triangle", "星": "star",
                   "星星": "star", "五角星": "star", "十字": "cross", "加号": "cross", "plus": "cross"})
-    for en, zh in ZH.items():
-        if en in ("top left", "top right", "bottom left", "bottom right"):
-            table.update({zh + "方": en, zh + "角": en, en.replace("top", "upper").replace("bottom", "lower"): en})
+    for en in POSITIONS:
+        table.update({ZH[en] + "方": en, ZH[en] + "角": en, en.replace("top", "upper").replace("bottom", "lower"): en})
     for value in range(11):
         digit = str(value)
         table[_NUMBER_WORDS[value]] = digit
@@ -204,11 +203,13 @@ class Skipped:
     """Counts rows that could not be read, by reason."""
 
     def __init__(self):
-        self.count = 0
         self.reasons: Counter = Counter()
 
+    @property
+    def count(self) -> int:
+        return self.reasons.total()
+
     def add(self, reason: str) -> None:
-        self.count += 1
         self.reasons[reason] += 1
 
 
@@ -294,9 +295,9 @@ Answerer = Callable[[Sequence[Item], bool], list[str]]
 
 
 def score_items(items: Iterable[Item], answer: Answerer, batch_size: int = 64, blind: bool = False,
-                on_prediction: Callable[[Item, str, str | None], None] | None = None) -> list[Scored]:
+                on_prediction: Callable[[Item, str, str | None, Scored], None] | None = None) -> list[Scored]:
     """Ask every item in batches: `answer(items, blind)` returns one text per item (blind: with every image
-    replaced by the grey image)."""
+    replaced by the grey image). `on_prediction(item, prediction, blind prediction, scored)` sees each one."""
     scored: list[Scored] = []
     batch: list[Item] = []
 
@@ -307,7 +308,7 @@ def score_items(items: Iterable[Item], answer: Answerer, batch_size: int = 64, b
             blind_correct = None if blind_prediction is None else is_correct(blind_prediction, item)
             scored.append(Scored(item.question_type, item.answers, is_correct(prediction, item), blind_correct))
             if on_prediction is not None:
-                on_prediction(item, prediction, blind_prediction)
+                on_prediction(item, prediction, blind_prediction, scored[-1])
         batch.clear()
 
     for item in items:
@@ -347,13 +348,12 @@ def evaluate(answer: Answerer, data_path: str, train_path: str | None = None, bl
     if progress is not None:
         items = progress(items)
     with open(predictions_path, "w", encoding="utf-8") if predictions_path else contextlib.nullcontext() as log:
-        def record(item: Item, prediction: str, blind_prediction: str | None) -> None:
+        def record(item: Item, prediction: str, blind_prediction: str | None, outcome: Scored) -> None:
             if log is not None:
                 log.write(json.dumps({
                     "question_type": item.question_type, "question": item.question, "answers": list(item.answers),
-                    "prediction": prediction, "correct": is_correct(prediction, item),
-                    "blind_prediction": blind_prediction,
-                    "blind_correct": None if blind_prediction is None else is_correct(blind_prediction, item),
+                    "prediction": prediction, "correct": outcome.correct, "blind_prediction": blind_prediction,
+                    "blind_correct": outcome.blind_correct,
                 }, ensure_ascii=False) + "\n")
 
         scored = score_items(items, answer, batch_size, blind, record)

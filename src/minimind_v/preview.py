@@ -12,9 +12,8 @@ import warnings
 
 from PIL import Image
 
-from .data import BadSample, conversation, decode_record, image_list
-from .tokenizer import IMAGE_MARKER
-from .vision import to_rgb
+from .data import BadSample, chat_images, conversation, decode_record
+from .vision import load_image
 
 
 def add_arguments(parser) -> None:
@@ -45,19 +44,14 @@ def describe(raw) -> tuple[Image.Image | None, str]:
             return None, f"text: {record.get('text')!r}"
         messages, _ = conversation(record["conversations"])
         text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        images = image_list(record.get("image_bytes"))
-        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages
-                      if m["role"] != "system" and isinstance(m["content"], str))
-        if not markers:
-            return None, ("[text only: its image is not used]\n" if images else "") + text
-        if markers != len(images):
-            raise BadSample("image_mismatch")
+        images = chat_images(record, messages)
+        if not images:
+            return None, ("[text only: its image is not used]\n" if record.get("image_bytes") else "") + text
         try:
-            with Image.open(io.BytesIO(images[0])) as image:
-                image.load()
-                return to_rgb(image), f"[{len(images)} image(s)]\n{text}"
-        except (OSError, ValueError) as err:
+            decoded = [load_image(io.BytesIO(data)) for data in images]  # the trainer skips a row for any of them
+        except ValueError as err:
             raise BadSample("bad_image") from err
+        return decoded[0], f"[{len(images)} image(s)]\n{text}"
     except BadSample as err:
         return None, f"SKIPPED BY THE TRAINER: {err.reason}"
 

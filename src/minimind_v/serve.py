@@ -24,10 +24,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from .chat import load_engine_or_exit, load_image
+from .chat import load_engine_or_exit
 from .generate import ChatRequest, Completion, Engine, GenerationConfig, PromptTooLong, StreamEvent
 from .tokenizer import IMAGE_MARKER
-from .weights import add_model_arguments
+from .vision import load_image
+from .weights import add_model_arguments, run_name
 
 try:
     import uvicorn
@@ -462,7 +463,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def default_model_name(args) -> str:
     if args.load_from:
         return os.path.basename(os.path.normpath(args.load_from))
-    return f"{args.weight}_{args.hidden_size}{'_moe' if args.use_moe else ''}"
+    return run_name(args.weight, args.hidden_size, bool(args.use_moe))
 
 
 def main(args) -> None:

@@ -65,10 +65,8 @@ CAPTION_PROMPTS = {
     "zh": ("描述这张图片。", "图片里有什么？", "请描述图中的形状。"),
 }
 FILES = ("llm_pretrain", "llm_sft", "vlm_pretrain", "vlm_sft", "vlm_test")
-FILE_NAMES = {
-    "llm_pretrain": "llm_pretrain.jsonl", "llm_sft": "llm_sft.jsonl", "vlm_pretrain": "vlm_pretrain.parquet",
-    "vlm_sft": "vlm_sft.parquet", "vlm_test": "vlm_test.parquet",
-}
+FILE_NAMES = {file: file + (".jsonl" if file.startswith("llm_") else ".parquet") for file in FILES}
+INFO_FILE = "synth_info.json"
 
 
 @dataclass(frozen=True)
@@ -108,13 +106,24 @@ class SynthConfig:
     colours: tuple[str, ...] = tuple(COLOURS)
     max_shapes: int = MAX_SHAPES
 
-    def question_types(self) -> tuple[str, ...]:
-        return QUESTION_TYPES if self.max_shapes > 1 else tuple(t for t in QUESTION_TYPES if t != "relation")
+    def question_types(self, shapes: int | None = None) -> tuple[str, ...]:
+        """The types that can be asked about scenes of `shapes` shapes (default: of this config's scenes):
+        relations need two."""
+        many = (self.max_shapes if shapes is None else shapes) > 1
+        return QUESTION_TYPES if many else tuple(t for t in QUESTION_TYPES if t != "relation")
 
 
-def layout_key(shapes: Iterable[Shape]) -> str:
-    """The content of a scene, independent of sizes, offsets, background and noise."""
-    return "|".join(sorted(f"{s.cell}:{s.kind}:{s.colour}" for s in shapes))
+def read_config(folder: str) -> SynthConfig:
+    """The SynthConfig that wrote the files of `folder` (from its synth_info.json)."""
+    with open(os.path.join(folder, INFO_FILE), encoding="utf-8") as f:
+        fields = json.load(f)["config"]
+    return SynthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def layout_key(layout: Iterable[tuple[int, str, str]]) -> str:
+    """The content of a scene, its (cell, kind, colour) triples, independent of sizes, offsets, background and
+    noise."""
+    return "|".join(sorted(f"{cell}:{kind}:{colour}" for cell, kind, colour in layout))
 
 
 def is_held_out(key: str) -> bool:
@@ -131,7 +140,7 @@ def sample_shapes(rng: np.random.Generator, count: int, held_out: bool, config: 
         kinds = rng.permutation(len(config.kinds))[:count]
         colours = rng.permutation(len(config.colours))[:count]
         layout = [(int(c), config.kinds[k], config.colours[o]) for c, k, o in zip(cells, kinds, colours)]
-        if is_held_out(layout_key(Shape(k, o, c, 0, 0, 0) for c, k, o in layout)) == held_out:
+        if is_held_out(layout_key(layout)) == held_out:
             break
     half_cell = config.image_size / 4
     shapes = []
@@ -453,11 +462,11 @@ def generate(config: SynthConfig, out_dir: str, rows: dict[str, int], row_group_
     paths = {}
     for file, count in rows.items():
         path = os.path.join(out_dir, FILE_NAMES[file])
-        make = text_record if file.startswith("llm_") else vlm_row
-        records: Iterator = (make(config, file, i) for i in range(count))
+        text = file.startswith("llm_")
+        records: Iterator = ((text_record if text else vlm_row)(config, file, i) for i in range(count))
         if progress is not None:
             records = progress(records, file, count)
-        if file.startswith("llm_"):
+        if text:
             write_jsonl(records, path)
         else:
             write_parquet(records, path, parquet_schema(file), row_group_size)
@@ -494,7 +503,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args) -> None:
     if args.image_size < 32:
         raise SystemExit(f"data synth: --image_size must be at least 32 (got {args.image_size})")
-    types = len(QUESTION_TYPES) - (args.max_shapes == 1)
+    types = len(SynthConfig(max_shapes=args.max_shapes).question_types())
     if not 1 <= args.turns <= types:
         raise SystemExit(f"data synth: --turns must be between 1 and {types}, one question per type "
                          f"(got {args.turns})")
@@ -530,7 +539,7 @@ def main(args) -> None:
     info = {"config": asdict(config), "rows": rows, "files": {f: os.path.basename(p) for f, p in paths.items()},
             "held_out_fraction": HELD_OUT_FRACTION, "question_types": list(config.question_types()),
             "positions": list(POSITIONS)}
-    with open(os.path.join(args.out_dir, "synth_info.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(args.out_dir, INFO_FILE), "w", encoding="utf-8") as f:
         json.dump(info, f, ensure_ascii=False, indent=2)
     for file, path in paths.items():
         print(f"{path}: {rows[file]} rows, {os.path.getsize(path) / 1e6:.1f} MB")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -67,6 +68,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def load_image(source: str | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Read an image (a path or a binary file) in any PIL mode as RGB, or raise ValueError saying why it
+    cannot be read. `max_pixels` refuses larger images before decoding them."""
+    name = source if isinstance(source, str) else "data"
+    try:
+        with Image.open(source) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ValueError(f"{image.width}x{image.height} pixels is more than the limit of {max_pixels}")
+            image.load()
+            rgb = to_rgb(image)
+            return rgb.copy() if rgb is image else rgb  # the file closes with the `with`
+    except Exception as err:  # PIL signals bad files with many exception types
+        raise ValueError(f"cannot read image {name!r}: {err}") from err
 
 
 class ImagePreprocessor:

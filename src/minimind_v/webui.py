@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .chat import add_sampling_arguments, load_engine, load_image
+from .chat import add_sampling_arguments, load_engine
 from .generate import ChatRequest, Engine, GenerationConfig
 from .tokenizer import IMAGE_MARKER
+from .vision import load_image
 from .weights import add_model_arguments
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported

@@ -43,14 +43,25 @@ def atomic_save(obj, path: str) -> None:
         os.close(dir_fd)
 
 
+def run_name(prefix: str, hidden_size: int, use_moe: bool) -> str:
+    """`{prefix}_{hidden}[_moe]`, the reference naming of weights, and of everything else that belongs to them."""
+    return f"{prefix}_{hidden_size}{'_moe' if use_moe else ''}"
+
+
 def weight_path(out_dir: str, prefix: str, hidden_size: int, use_moe: bool) -> str:
-    """`{out_dir}/{prefix}_{hidden}[_moe].pth`, the reference naming."""
-    return os.path.join(out_dir, f"{prefix}_{hidden_size}{'_moe' if use_moe else ''}.pth")
+    """`{out_dir}/{prefix}_{hidden}[_moe].pth`."""
+    return os.path.join(out_dir, run_name(prefix, hidden_size, use_moe) + ".pth")
 
 
-def vision_folder(out_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:
-    """Where a trained tower goes, next to the weights: `{out_dir}/{save_weight}_{hidden}[_moe]_vision`."""
-    return os.path.join(out_dir, f"{save_weight}_{hidden_size}{'_moe' if use_moe else ''}_vision")
+def vision_folder(out_dir: str, prefix: str, hidden_size: int, use_moe: bool) -> str:
+    """Where a trained tower goes, next to the weights: `{out_dir}/{prefix}_{hidden}[_moe]_vision`."""
+    return os.path.join(out_dir, run_name(prefix, hidden_size, use_moe) + "_vision")
+
+
+def tower_for_weights(out_dir: str, prefix: str, hidden_size: int, use_moe: bool) -> str:
+    """The default tower of a native weight file: the one trained with it, else the reference tower folder."""
+    trained = vision_folder(out_dir, prefix, hidden_size, use_moe)
+    return trained if os.path.isdir(trained) else DEFAULT_TOWER
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -119,8 +130,10 @@ def load_native(model: nn.Module, source: str | dict, optional_prefixes: tuple[s
 
 
 def build_model(config: MiniMindConfig, weights: str | None = None, vision_model: str | None = None,
-                vision_dtype: torch.dtype = torch.float32) -> MiniMindForCausalLM:
-    """A MiniMind-V model (or a plain LLM for a MiniMindConfig), optionally loading native weights."""
+                vision_dtype: torch.dtype = torch.float32,
+                optional_prefixes: tuple[str, ...] = ()) -> MiniMindForCausalLM:
+    """A MiniMind-V model (or a plain LLM for a MiniMindConfig), optionally loading native weights (see
+    `load_native` for `optional_prefixes`)."""
     if isinstance(config, VLMConfig):
         model = MiniMindVLM(config, vision_model_path=vision_model, vision_dtype=vision_dtype)
     else:
@@ -128,7 +141,7 @@ def build_model(config: MiniMindConfig, weights: str | None = None, vision_model
     if weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"no weight file at {weights!r}")
-        load_native(model, weights)
+        load_native(model, weights, optional_prefixes)
     return model
 
 
@@ -232,16 +245,13 @@ def load_model_from_args(args, dtype: torch.dtype = torch.float32):
         model = load_pretrained_folder(args.load_from, vision_model=vision)
     else:
         tokenizer = load_tokenizer(args.tokenizer)
-        trained_tower = vision_folder(args.save_dir, args.weight, args.hidden_size, bool(args.use_moe))
-        vision = args.vision_model or (trained_tower if os.path.isdir(trained_tower) else DEFAULT_TOWER)
+        names = (args.save_dir, args.weight, args.hidden_size, bool(args.use_moe))
+        vision = args.vision_model or tower_for_weights(*names)
         config = vlm_config_from_args(vision, args, len(tokenizer))
         tower_path, _ = resolve_vision(vision)
-        path = weight_path(args.save_dir, args.weight, args.hidden_size, bool(args.use_moe))
-        model = build_model(config, vision_model=tower_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no weight file at {path!r}")
         # Without a tower, text-only LLM weights (pretrain_*.pth, llm_*.pth: no projector) load as well.
-        load_native(model, path, optional_prefixes=("vision_proj.",) if vision == "none" else ())
+        model = build_model(config, weight_path(*names), vision_model=tower_path,
+                            optional_prefixes=("vision_proj.",) if vision == "none" else ())
     return model.to(device=args.device, dtype=dtype).eval(), tokenizer
 
 
