@@ -125,6 +125,9 @@ def test_blind_requests_get_one_grey_image_per_image():
     assert seen[0].images == [image, image] and seen[0].messages == [{"role": "user", "content": "What colour?"}]
     assert len(blind[0].images) == 2 and blind[1].images == []
     assert all(i.size == (32, 32) and i.getpixel((5, 5)) == ev.BLIND_GREY for i in blind[0].images)
+    assert not any(r.open_thinking for r in engine.requests)
+    ev.engine_answerer(engine, max_new_tokens=5, open_thinking=True)(items, True)
+    assert all(r.open_thinking for r in engine.requests[4:])
 
 
 def test_generic_vqa_parquet(tmp_path):

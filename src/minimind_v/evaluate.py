@@ -320,8 +320,9 @@ def score_items(items: Iterable[Item], answer: Answerer, batch_size: int = 64, b
     return scored
 
 
-def engine_answerer(engine, max_new_tokens: int = 16) -> Answerer:
-    """Greedy answers from a `generate.Engine`; blind requests get one grey image per image."""
+def engine_answerer(engine, max_new_tokens: int = 16, open_thinking: bool = False) -> Answerer:
+    """Greedy answers from a `generate.Engine` (the text after any think block); blind requests get one grey image
+    per image."""
     from .generate import ChatRequest, GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
@@ -330,7 +331,8 @@ def engine_answerer(engine, max_new_tokens: int = 16) -> Answerer:
 
     def answer(items: Sequence[Item], blind: bool) -> list[str]:
         requests = [ChatRequest(messages=[{"role": "user", "content": item.question}],
-                                images=[grey] * len(item.images) if blind else list(item.images))
+                                images=[grey] * len(item.images) if blind else list(item.images),
+                                open_thinking=open_thinking)
                     for item in items]
         return [completion.text for completion in engine.generate(requests, config)]
 
@@ -387,7 +389,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="eval.json", help="where to write the scores")
     parser.add_argument("--predictions", default=None, help="optional jsonl of every question and prediction")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=16,
+                        help="tokens to generate per answer, think block included")
+    parser.add_argument("--open_thinking", type=int, choices=[0, 1], default=0,
+                        help="1: open a think block in the prompt (for models trained to reason before answering)")
     parser.add_argument("--max_samples", type=int, default=None, help="score only the first N questions")
     add_model_arguments(parser)
 
@@ -405,10 +410,10 @@ def main(args) -> None:
     if args.train_path and not os.path.isfile(args.train_path):
         raise SystemExit(f"eval: no such file: {args.train_path}")
     model, tokenizer = load_model_from_args(args)
-    answer = engine_answerer(Engine(model, tokenizer), args.max_new_tokens)
+    answer = engine_answerer(Engine(model, tokenizer), args.max_new_tokens, bool(args.open_thinking))
     result = evaluate(answer, args.data_path, args.train_path, args.blind, args.batch_size, args.max_samples,
                       args.predictions, progress=lambda items: tqdm(items, desc="eval", unit="q", disable=None))
-    result["max_new_tokens"] = args.max_new_tokens
+    result.update(max_new_tokens=args.max_new_tokens, open_thinking=bool(args.open_thinking))
     if result["skipped_rows"]:
         print(f"warning: skipped {result['skipped_rows']} unreadable rows: {result['skipped_reasons']}")
     folder = os.path.dirname(os.path.abspath(args.out))
