@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from jinja2 import TemplateError
-from PIL import Image
 
 from .tokenizer import EMPTY_THINK, IMAGE_MARKER, IMAGE_TOKEN, expand_image_markers, render_chat
+from .vision import load_image
 
 JSONL_BLOCK = 1024  # lines per jsonl chunk
 IGNORE = -100
@@ -335,14 +335,11 @@ class SampleBuilder:
         return Sample(truncated, labels, self._pixels(images) if images else None)
 
     def _pixels(self, images: list[bytes]) -> np.ndarray:
-        arrays = []
-        for data in images:
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    arrays.append(self.image_processor.pixels(image))
-            except (OSError, ValueError, TypeError, Image.DecompressionBombError) as err:
-                raise BadSample("bad_image") from err
-        return np.stack(arrays)
+        """Encoded images -> [N, 3, size, size]; BadSample when any cannot be decoded (as `load_image` decides)."""
+        try:
+            return np.stack([self.image_processor.pixels(load_image(io.BytesIO(data))) for data in images])
+        except ValueError as err:
+            raise BadSample("bad_image") from err
 
 
 def chat_images(record: dict, messages: list[dict]) -> list[bytes]:

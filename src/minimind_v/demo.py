@@ -183,8 +183,7 @@ def sample_chats(args) -> list[Chat]:
         lang = row["lang"]
         scene = synth.caption(shapes, lang)
         rng = np.random.default_rng([args.seed, index])
-        allowed = synth_config.question_types(len(shapes))
-        types = [allowed[i] for i in rng.permutation(len(allowed))[:synth_config.turns]]
+        types = synth.draw_question_types(rng, synth_config, synth_config.turns, len(shapes))
         turns = converse(engine, image, [("caption", synth.CAPTION_PROMPTS[lang][0], scene)], config)
         turns += converse(engine, image, synth.ask_several(rng, shapes, lang, types, synth_config), config)
         chats.append(Chat(image_file, scene, turns))

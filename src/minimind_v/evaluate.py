@@ -34,6 +34,7 @@ from PIL import Image
 
 from .synth import EN_NUMBERS, POSITIONS, ZH, ZH_NUMBERS
 from .tokenizer import IMAGE_MARKER
+from .vision import load_image
 
 BLIND_GREY = (128, 128, 128)
 IMAGE_COLUMNS = ("image_bytes", "image", "images")
@@ -135,12 +136,7 @@ def _images(value, folder: str) -> list[Image.Image]:
             value = value["path"]
         else:
             return []
-    if isinstance(value, str):
-        with open(os.path.join(folder, value), "rb") as f:
-            value = f.read()
-    image = Image.open(io.BytesIO(value))
-    image.load()
-    return [image]
+    return [load_image(os.path.join(folder, value) if isinstance(value, str) else io.BytesIO(value))]
 
 
 def _options(row: dict) -> list[str]:

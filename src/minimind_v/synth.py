@@ -321,6 +321,13 @@ def ask_several(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str, 
     return [(t, *ask(rng, shapes, t, lang, config)) for t in question_types]
 
 
+def draw_question_types(rng: np.random.Generator, config: SynthConfig, turns: int,
+                        shapes: int | None = None) -> list[str]:
+    """`turns` distinct question types in random order, from those `config.question_types(shapes)` allows."""
+    allowed = config.question_types(shapes)
+    return [allowed[i] for i in rng.permutation(len(allowed))[:turns]]
+
+
 def _row_rng(config: SynthConfig, file: str, index: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, FILES.index(file), index])
 
@@ -330,8 +337,7 @@ def _scene(rng: np.random.Generator, config: SynthConfig, held_out: bool,
     """(language, shapes, question types) of a row. The types come first (distinct, so the questions are too)
     and the shape count is uniform over what they allow: relations need two shapes."""
     lang = config.lang if config.lang != "both" else ("en", "zh")[int(rng.integers(2))]
-    allowed = config.question_types()
-    question_types = [allowed[i] for i in rng.permutation(len(allowed))[:turns]]
+    question_types = draw_question_types(rng, config, turns)
     fewest = 2 if "relation" in question_types else 1
     count = int(rng.integers(fewest, config.max_shapes + 1))
     return lang, sample_shapes(rng, count, held_out, config), question_types

@@ -82,7 +82,7 @@ def load_image(source: str | BinaryIO, max_pixels: int | None = None) -> Image.I
             rgb = to_rgb(image)
             return rgb.copy() if rgb is image else rgb  # the file closes with the `with`
     except Exception as err:  # PIL signals bad files with many exception types
-        raise ValueError(f"cannot read image {name!r}: {err}") from err
+        raise ValueError(f"cannot read image {name!r}: {type(err).__name__}: {err}") from err
 
 
 class ImagePreprocessor:
