@@ -204,6 +204,39 @@ def test_sigkill_then_resume_gives_bit_identical_weights(small_vlm_data, capsys)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def step_losses(folder: Path, out: str) -> list[float]:
+    lines = (folder / out / "sft_vlm_64" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_unpacked_rows_train_like_packed_rows_and_bf16_autocast_stays_close(small_vlm_data):
+    """--packing 0 drops the position ids (one sample per right-padded row: plain causal attention is exact), so
+    the losses must match packed rows; --cpu_dtype bfloat16 must change them a little, not a lot."""
+    flags = ("--batch_size", "4", "--max_steps", "3", "--save_interval", "100")
+    for name, extra in (("packed", ()), ("unpacked", ("--packing", "0")),
+                        ("bf16", ("--packing", "0", "--cpu_dtype", "bfloat16"))):
+        cli.main(vlm_argv(small_vlm_data, name, *flags, *extra))
+    packed, unpacked, bf16 = (step_losses(small_vlm_data, name) for name in ("packed", "unpacked", "bf16"))
+    assert unpacked == pytest.approx(packed, rel=1e-5)
+    assert bf16 != unpacked and bf16 == pytest.approx(unpacked, rel=2e-2)
+
+
+def test_an_error_in_a_step_ends_the_process_despite_its_data_workers(small_vlm_data, tmp_path):
+    """The workers ignore SIGTERM (the main process saves first); an exception in the main process must still
+    end the run instead of leaving the interpreter waiting for them at exit."""
+    failing = ("import sys; from minimind_v import cli, train\n"
+               "def fail(self, batch): raise RuntimeError('forward failed')\n"
+               "train.Trainer._inputs = fail\n"
+               "cli.main(sys.argv[1:])")
+    argv = vlm_argv(small_vlm_data, "failing", "--batch_size", "4", "--max_steps", "3", "--num_workers", "1")
+    run = subprocess_train(argv, launcher=("-c", failing))
+    try:
+        output = run.communicate(timeout=60)[0]
+    finally:
+        run.kill()
+    assert run.returncode == 1 and "RuntimeError: forward failed" in output
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_at_the_same_global_batch(small_vlm_data, capsys):
     folder = small_vlm_data

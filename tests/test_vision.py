@@ -10,7 +10,7 @@ from skimage import data as samples
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from minimind_v.config import TINY_VISION, VLMConfig, vision_dims
-from minimind_v.vision import ImagePreprocessor, to_rgb
+from minimind_v.vision import ImagePreprocessor, build_vision_tower, to_rgb
 from minimind_v.vlm import MiniMindVLM
 
 
@@ -96,3 +96,17 @@ def test_preprocessor_config_written_for_exports_is_readable_by_transformers(tmp
     loaded = SiglipImageProcessor.from_pretrained(tmp_path)
     assert loaded.size == {"height": 64, "width": 64} and list(loaded.image_mean) == [0.1, 0.2, 0.3]
     assert json.loads((tmp_path / "preprocessor_config.json").read_text())["resample"] == 3
+
+
+def test_a_random_tower_knows_where_each_patch_is():
+    """From-zero towers start with 2D sine-cosine positions as strong as the patch embeddings (RMS 0.5 per feature):
+    half the features follow the row, half the column, and every patch gets its own vector."""
+    tower = build_vision_tower(TINY_VISION)
+    side = TINY_VISION["image_size"] // TINY_VISION["patch_size"]
+    table = tower.embeddings.position_embedding.weight.detach().reshape(side, side, -1)
+    half = table.shape[-1] // 2
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(0.5, rel=1e-4)
+    assert torch.allclose(table[:, :1, :half].expand(side, side, half), table[..., :half])  # rows only
+    assert torch.allclose(table[:1, :, half:].expand(side, side, half), table[..., half:])  # columns only
+    patches = table.reshape(side * side, -1)
+    assert torch.cdist(patches, patches).add(torch.eye(side * side)).min() > 0.5

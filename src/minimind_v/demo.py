@@ -49,11 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("training")
     optim.add_argument("--llm_steps", type=int, default=150, help="optimizer steps of LLM pretraining on text")
     optim.add_argument("--pretrain_steps", type=int, default=500, help="steps of VLM pretraining on captions")
-    optim.add_argument("--sft_steps", type=int, default=1200, help="steps of VLM SFT on questions and captions")
+    optim.add_argument("--sft_steps", type=int, default=1800, help="steps of VLM SFT on questions and captions")
     optim.add_argument("--batch_size", type=int, default=32)
     optim.add_argument("--learning_rate", type=float, default=2e-3)
     optim.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     optim.add_argument("--num_threads", type=int, default=0, help="CPU threads for training (0: every core)")
+    optim.add_argument("--cpu_dtype", choices=["float32", "bfloat16"], default=None,
+                       help="CPU training precision (default: bfloat16 where the CPU has native bf16, else float32)")
     parser.add_argument("--chats", type=int, default=3, help="held-out images to chat about at the end")
 
 
@@ -71,6 +73,12 @@ def init_std(hidden_size: int) -> float:
     return round(0.02 * (768 / hidden_size) ** 0.5, 4)
 
 
+def default_cpu_dtype() -> str:
+    from .train import native_cpu_bf16
+
+    return "bfloat16" if native_cpu_bf16() else "float32"
+
+
 def paths(out_dir: str) -> dict[str, str]:
     names = ("data", "tokenizer", "model", "hf", "runs", "checkpoints", "samples")
     return {name: os.path.join(out_dir, name) for name in names}
@@ -85,7 +93,8 @@ def plan(args) -> list[Step]:
              "--tokenizer", p["tokenizer"]]
     common = model + [
         "--batch_size", str(args.batch_size), "--accumulation_steps", "1", "--device", args.device,
-        "--num_threads", str(args.num_threads),
+        "--num_threads", str(args.num_threads), "--cpu_dtype", args.cpu_dtype or default_cpu_dtype(),
+        "--packing", "0",  # rows of one sample: plain causal attention; packing would make it ~2x costlier here
         "--out_dir", p["model"], "--checkpoint_dir", p["checkpoints"], "--log_dir", p["runs"],
         "--initializer_range", str(init_std(args.hidden_size)), "--seed", str(args.seed), "--epochs", "100",
         "--log_interval", "50", "--save_interval", "200", "--add_system_ratio", "0", "--empty_think_ratio", "1",

@@ -195,6 +195,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     Query head j uses key/value head j // (nh / nkv). With a cache the query heads are folded onto their
     key/value head ([B, nkv, rep*T, hd]) so the cache is read in place instead of being repeated.
     """
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU bf16 autocast: the bf16 attention kernels are slower than float32 ones (the backward ~2x).
+        with torch.autocast("cpu", enabled=False):
+            return sdpa(q.float(), k.float(), v.float(), mask, dropout_p).to(q.dtype)
     batch, heads, new, hd = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
     if mask is None and total == new:

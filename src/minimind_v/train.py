@@ -141,7 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stop after this many steps in a row with a NaN/inf loss or gradient")
     optim.add_argument("--seed", type=int, default=42)
     optim.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                       help="autocast dtype on CUDA (CPU always trains in float32)")
+                       help="autocast dtype on CUDA (on CPU see --cpu_dtype)")
+    optim.add_argument("--cpu_dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="CPU training precision; bfloat16 autocasts the matrix products (weights stay float32), "
+                            "~1.5x faster on CPUs with native bf16 (AVX512-BF16, AMX), slower on others")
     optim.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     optim.add_argument("--use_compile", type=int, default=0, choices=[0, 1])
     optim.add_argument("--num_threads", type=int, default=0,
@@ -475,31 +478,39 @@ class Trainer:
         start_rows, consumed = state.rows_done, 0
         epoch_steps = state.step + ceil_div(len(micro), args.accumulation_steps)
         epoch_clock = (time.time(), state.step)
-        while not self._finished():
-            group = list(islice(batches, args.accumulation_steps))
-            if not group:
-                break
-            self._optimizer_step(group)
-            consumed += len(group)
-            state.rows_done = min(start_rows + consumed * self.rows_per_batch, self.data.total_rows)
-            state.step += 1
-            state.global_step += 1
-            self._count(group)
-            last = state.step == epoch_steps
-            if state.global_step % args.log_interval == 0 or last or self._finished():
-                self._log_step(epoch_steps, epoch_clock)
-            if self._finished() and self.stop.signum is not None:
-                self.save()
-                self.log(f"stopped by signal {self.stop.signum} at step {state.global_step}; weights and resume "
-                         f"state saved. Continue with --from_resume 1.")
-            elif state.global_step % args.save_interval == 0 or last:
-                self.save()
-        del batches
+        try:
+            while not self._finished():
+                group = list(islice(batches, args.accumulation_steps))
+                if not group:
+                    break
+                self._optimizer_step(group)
+                consumed += len(group)
+                state.rows_done = min(start_rows + consumed * self.rows_per_batch, self.data.total_rows)
+                state.step += 1
+                state.global_step += 1
+                self._count(group)
+                last = state.step == epoch_steps
+                if state.global_step % args.log_interval == 0 or last or self._finished():
+                    self._log_step(epoch_steps, epoch_clock)
+                if self._finished() and self.stop.signum is not None:
+                    self.save()
+                    self.log(f"stopped by signal {self.stop.signum} at step {state.global_step}; weights and resume "
+                             f"state saved. Continue with --from_resume 1.")
+                elif state.global_step % args.save_interval == 0 or last:
+                    self.save()
+        finally:
+            # Dropping the only reference shuts the workers down. Were a traceback to keep it, the workers
+            # (which ignore SIGTERM) would outlive the error and the interpreter would wait for them at exit.
+            del batches
         if state.rows_done >= self.data.total_rows:
             state.epoch, state.rows_done, state.step = state.epoch + 1, 0, 0
 
     def _inputs(self, batch: data_module.Batch) -> dict:
-        inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+        # Without packing a row is one sample then right padding, so plain causal attention (the fast kernel,
+        # no mask) is exact for every real token; packed rows need the positions to keep documents apart.
+        inputs = {"input_ids": batch.input_ids}
+        if self.args.packing:
+            inputs["position_ids"] = batch.position_ids
         if self.stage.vision:
             inputs.update(pixel_values=batch.pixel_values, check_images=False)  # validated when packing
         return inputs
@@ -552,7 +563,9 @@ class Trainer:
         self.lr = lr
 
     def _autocast(self):
-        if not self.cuda or self.args.dtype == "float32":
+        if not self.cuda:
+            return torch.autocast("cpu", dtype=torch.bfloat16) if self.args.cpu_dtype == "bfloat16" else nullcontext()
+        if self.args.dtype == "float32":
             return nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16 if self.args.dtype == "bfloat16" else torch.float16)
 
@@ -666,6 +679,14 @@ def cpu_threads() -> int:
     (on 2 cores, 2 threads + 1 worker trained 1.4x faster than 1 thread + 1 worker), and the passive OpenMP
     wait policy set in `minimind_v/__init__.py` keeps the threads cheap when a core is busy elsewhere."""
     return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), so `--cpu_dtype bfloat16` pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def usable_cores() -> int:
