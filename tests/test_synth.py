@@ -224,6 +224,17 @@ def test_an_easier_task_uses_only_the_chosen_vocabulary(tmp_path):
     assert {r["answer"] for r in rows if r["question_type"] == "presence"} == {"yes", "no"}
 
 
+def test_question_types_can_be_restricted_to_train_one_skill(tmp_path):
+    run_synth(tmp_path, "--files", "vlm_sft", "--question_types", "position", "--lang", "en")
+    rows = read_rows(tmp_path / "vlm_sft.parquet")
+    assert all(r["question_type"] == ["position"] * 3 for r in rows)
+    for row in rows:
+        where = {s["colour"]: synth.POSITIONS[s["cell"]] for s in json.loads(row["scene"])}
+        for question, answer in zip(row["question"], row["answer"]):
+            assert answer == where[question.split()[3]]  # "Where is the red shape?"
+    assert synth.read_config(str(tmp_path)).asked_types == ("position",)
+
+
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="--image_size"):
         run_synth(tmp_path, "--image_size", "16")
@@ -231,5 +242,7 @@ def test_bad_arguments_are_refused(tmp_path):
         run_synth(tmp_path, "--turns", "0")
     with pytest.raises(SystemExit, match="--turns"):
         run_synth(tmp_path, "--turns", "6", "--max_shapes", "1")
+    with pytest.raises(SystemExit, match="relation questions need --max_shapes 2"):
+        run_synth(tmp_path, "--question_types", "relation", "--max_shapes", "1")
     with pytest.raises(SystemExit, match="--kinds needs more distinct entries than --max_shapes"):
         run_synth(tmp_path, "--kinds", "circle", "square", "--max_shapes", "2")

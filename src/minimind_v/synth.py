@@ -105,12 +105,13 @@ class SynthConfig:
     kinds: tuple[str, ...] = KINDS
     colours: tuple[str, ...] = tuple(COLOURS)
     max_shapes: int = MAX_SHAPES
+    asked_types: tuple[str, ...] = QUESTION_TYPES  # the question types the files ask
 
     def question_types(self, shapes: int | None = None) -> tuple[str, ...]:
-        """The types that can be asked about scenes of `shapes` shapes (default: of this config's scenes):
-        relations need two."""
+        """The asked types that fit scenes of `shapes` shapes (default: of this config's scenes): relations
+        need two."""
         many = (self.max_shapes if shapes is None else shapes) > 1
-        return QUESTION_TYPES if many else tuple(t for t in QUESTION_TYPES if t != "relation")
+        return tuple(t for t in self.asked_types if many or t != "relation")
 
 
 def read_config(folder: str) -> SynthConfig:
@@ -323,8 +324,11 @@ def ask_several(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str, 
 
 def draw_question_types(rng: np.random.Generator, config: SynthConfig, turns: int,
                         shapes: int | None = None) -> list[str]:
-    """`turns` distinct question types in random order, from those `config.question_types(shapes)` allows."""
+    """`turns` question types in random order from those `config.question_types(shapes)` allows: distinct
+    while there are enough, otherwise drawn with repeats (the questions may then repeat too)."""
     allowed = config.question_types(shapes)
+    if turns > len(allowed):
+        return [allowed[i] for i in rng.integers(len(allowed), size=turns)]
     return [allowed[i] for i in rng.permutation(len(allowed))[:turns]]
 
 
@@ -504,6 +508,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colours", nargs="+", choices=list(COLOURS), default=list(COLOURS), help="colours to use")
     parser.add_argument("--max_shapes", type=int, default=MAX_SHAPES, choices=range(1, MAX_SHAPES + 1),
                         help="most shapes in one image (the count is uniform from 1 to this)")
+    parser.add_argument("--question_types", nargs="+", choices=QUESTION_TYPES, default=list(QUESTION_TYPES),
+                        help="the question types to ask (e.g. only position, to train one skill on its own)")
 
 
 def _check(args) -> None:
@@ -513,6 +519,8 @@ def _check(args) -> None:
     if not 1 <= args.turns <= types:
         raise SystemExit(f"data synth: --turns must be between 1 and {types}, one question per type "
                          f"(got {args.turns})")
+    if args.question_types == ["relation"] and args.max_shapes < 2:
+        raise SystemExit("data synth: relation questions need --max_shapes 2 or more")
     for name in ("kinds", "colours"):
         chosen = getattr(args, name)
         if len(set(chosen)) != len(chosen) or len(chosen) <= args.max_shapes:
@@ -533,7 +541,8 @@ def main(args) -> None:
     _check(args)
     config = SynthConfig(image_size=args.image_size, lang=args.lang, turns=args.turns, noise=args.noise,
                          texture=args.texture, image_format=args.image_format, seed=args.seed,
-                         kinds=tuple(args.kinds), colours=tuple(args.colours), max_shapes=args.max_shapes)
+                         kinds=tuple(args.kinds), colours=tuple(args.colours), max_shapes=args.max_shapes,
+                         asked_types=tuple(dict.fromkeys(args.question_types)))
     pretrain = args.train_rows if args.pretrain_rows is None else args.pretrain_rows
     text = args.train_rows if args.text_rows is None else args.text_rows
     counts = {"llm_pretrain": text, "llm_sft": text, "vlm_pretrain": pretrain, "vlm_sft": args.train_rows,
