@@ -15,7 +15,8 @@ from minimind_v.synth import QUESTION_TYPES
 
 MINIATURE = ["--train_rows", "48", "--test_rows", "12", "--llm_steps", "2", "--pretrain_steps", "2", "--sft_steps",
              "2", "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "1", "--vision_model",
-             "random:tiny", "--chats", "1", "--device", "cpu", "--num_threads", "1", "--lang", "both"]
+             "random:tiny", "--chats", "1", "--device", "cpu", "--num_threads", "1", "--lang", "both",
+             "--focus_steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def test_miniature_demo_writes_every_output(demo_run):
     for path in ("data/vlm_test.parquet", "tokenizer/tokenizer.json", "model/pretrain_64.pth",
                  "model/pretrain_vlm_64.pth", "model/sft_vlm_64.pth", "model/sft_vlm_64_vision/config.json",
                  "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "hf/preprocessor_config.json",
-                 "loss_pretrain.png", "loss_pretrain_vlm.png", "loss_sft_vlm.png", "predictions.jsonl",
+                 "loss_pretrain.png", "loss_pretrain_vlm.png", "loss_sft_mixed.png", "loss_sft_focus.png",
+                 "loss_sft_vlm.png", "focus_data/vlm_sft.parquet", "predictions.jsonl",
                  "samples/test_0.png", "report.md"):
         assert (out / path).is_file(), path
     result = json.loads((out / "eval.json").read_text())
@@ -72,10 +74,14 @@ def test_plan_is_a_chain_of_cli_commands(tmp_path):
     argv = ["demo", "--out_dir", str(tmp_path)] + MINIATURE
     args = build_parser(argv).parse_args(argv)
     steps = demo.plan(args)
-    train = {s.argv[1]: s.argv for s in steps if s.argv[0] == "train"}
-    assert list(train) == ["llm-pretrain", "vlm-pretrain", "vlm-sft"]
-    chain = [argv[argv.index("--from_weight") + 1] for argv in train.values()]
-    assert chain == ["none", "pretrain", "pretrain_vlm"]
+    value = lambda argv, flag: argv[argv.index(flag) + 1] if flag in argv else None
+    chain = [(s.argv[1], value(s.argv, "--from_weight"), value(s.argv, "--save_weight"))
+             for s in steps if s.argv[0] == "train"]
+    assert chain == [("llm-pretrain", "none", None), ("vlm-pretrain", "pretrain", None),
+                     ("vlm-sft", "pretrain_vlm", "sft_mixed"), ("vlm-sft", "sft_mixed", "sft_focus"),
+                     ("vlm-sft", "sft_focus", "sft_vlm")]
+    focus = next(s.argv for s in steps if "--question_types" in s.argv)
+    assert value(focus, "--question_types") == "position" and value(focus, "--files") == "vlm_sft"
     for step in steps:
         parser_argv = step.argv
         build_parser(parser_argv).parse_args(parser_argv)  # every step parses as a real command line
@@ -84,7 +90,8 @@ def test_plan_is_a_chain_of_cli_commands(tmp_path):
                 assert value.startswith(str(tmp_path)), (step.title, value)
 
 
-@pytest.mark.parametrize("flag, value", [("--sft_steps", "0"), ("--train_rows", "0"), ("--chats", "-1")])
+@pytest.mark.parametrize("flag, value", [("--sft_steps", "0"), ("--train_rows", "0"), ("--chats", "-1"),
+                                         ("--focus_steps", "-1")])
 def test_bad_flags_are_refused_before_any_work(tmp_path, flag, value, capsys):
     with pytest.raises(SystemExit, match=flag.lstrip("-")):
         cli(["demo", "--out_dir", str(tmp_path / "x"), flag, value])
