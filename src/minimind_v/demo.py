@@ -98,7 +98,7 @@ def plan(args) -> list[Step]:
     common = model + [
         "--batch_size", str(args.batch_size), "--accumulation_steps", "1", "--device", args.device,
         "--num_threads", str(args.num_threads), "--cpu_dtype", args.cpu_dtype or default_cpu_dtype(),
-        "--packing", "0",  # rows of one sample: plain causal attention; packing would make it ~2x costlier here
+        "--packing", "0",  # one sample per row: plain causal attention, 1.07-1.14x the tokens/s of packed rows here
         "--out_dir", p["model"], "--checkpoint_dir", p["checkpoints"], "--log_dir", p["runs"],
         "--initializer_range", str(init_std(args.hidden_size)), "--seed", str(args.seed), "--epochs", "100",
         "--log_interval", "50", "--save_interval", "200", "--add_system_ratio", "0", "--empty_think_ratio", "1",
@@ -122,9 +122,10 @@ def plan(args) -> list[Step]:
                                              "--max_steps", str(args.pretrain_steps)] + vision + common),
         Step("VLM SFT on questions", ["train", "vlm-sft", "--data_path", data("vlm_sft.parquet"),
                                       data("vlm_pretrain.parquet"), "--from_weight", "pretrain_vlm",
-                                      "--save_weight", training_runs(args)[2], "--learning_rate", lr,
-                                      "--warmup_steps", "50", "--max_steps", str(args.sft_steps)] + vision + common),
-    ] + focus_steps(args, data, vision + common) + [
+                                      "--save_weight", "sft_mixed" if args.focus_steps else "sft_vlm",
+                                      "--learning_rate", lr, "--warmup_steps", "50",
+                                      "--max_steps", str(args.sft_steps)] + vision + common),
+    ] + focus_steps(args, p, vision + common) + [
         Step("export a transformers folder", ["export", "--out", p["hf"]] + trained),
         Step("held-out evaluation", ["eval", "--data_path", data("vlm_test.parquet"), "--train_path",
                                      data("vlm_sft.parquet"), "--blind", "--out", out("eval.json"),
@@ -141,25 +142,25 @@ def training_runs(args) -> list[str]:
     return ["pretrain", "pretrain_vlm"] + (["sft_mixed", "sft_focus", "sft_vlm"] if args.focus_steps else ["sft_vlm"])
 
 
-def focus_steps(args, data, common: list[str]) -> list[Step]:
+def focus_steps(args, p: dict[str, str], common: list[str]) -> list[Step]:
     """Position questions alone, then the usual mix again, both at half the learning rate. In mixed training the
     decoder does not learn to say where a shape is (position questions stay near chance, even with 4x their
     share); alone it learns it within a few hundred steps, and the mix that follows keeps most of it."""
     if not args.focus_steps:
         return []
-    focus_file = os.path.join(paths(args.out_dir)["focus_data"], "vlm_sft.parquet")
+    mix = [os.path.join(p["data"], "vlm_sft.parquet"), os.path.join(p["data"], "vlm_pretrain.parquet")]
     phase = ["--learning_rate", str(args.learning_rate / 2), "--warmup_steps", "20", "--max_steps",
              str(args.focus_steps)]
     return [
-        Step("synthetic position questions", ["data", "synth", "--out_dir", paths(args.out_dir)["focus_data"],
+        Step("synthetic position questions", ["data", "synth", "--out_dir", p["focus_data"],
                                               "--files", "vlm_sft", "--question_types", "position",
                                               "--train_rows", str(args.focus_steps * args.batch_size),
                                               "--lang", args.lang, "--seed", str(args.seed)]),
-        Step("VLM SFT on position questions only", ["train", "vlm-sft", "--data_path", focus_file,
+        Step("VLM SFT on position questions only", ["train", "vlm-sft", "--data_path",
+                                                    os.path.join(p["focus_data"], "vlm_sft.parquet"),
                                                     "--from_weight", "sft_mixed", "--save_weight", "sft_focus"]
              + phase + common),
-        Step("VLM SFT on the usual mix again", ["train", "vlm-sft", "--data_path", data("vlm_sft.parquet"),
-                                                data("vlm_pretrain.parquet"), "--from_weight", "sft_focus",
+        Step("VLM SFT on the usual mix again", ["train", "vlm-sft", "--data_path", *mix, "--from_weight", "sft_focus",
                                                 "--save_weight", "sft_vlm"] + phase + common),
     ]
 

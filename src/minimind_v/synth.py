@@ -338,8 +338,8 @@ def _row_rng(config: SynthConfig, file: str, index: int) -> np.random.Generator:
 
 def _scene(rng: np.random.Generator, config: SynthConfig, held_out: bool,
            turns: int) -> tuple[str, tuple[Shape, ...], list[str]]:
-    """(language, shapes, question types) of a row. The types come first (distinct, so the questions are too)
-    and the shape count is uniform over what they allow: relations need two shapes."""
+    """(language, shapes, question types) of a row. The types come first (distinct when there are enough, so the
+    questions are too) and the shape count is uniform over what they allow: relations need two shapes."""
     lang = config.lang if config.lang != "both" else ("en", "zh")[int(rng.integers(2))]
     question_types = draw_question_types(rng, config, turns)
     fewest = 2 if "relation" in question_types else 1
@@ -519,7 +519,7 @@ def _check(args) -> None:
     if not 1 <= args.turns <= types:
         raise SystemExit(f"data synth: --turns must be between 1 and {types}, one question per type "
                          f"(got {args.turns})")
-    if args.question_types == ["relation"] and args.max_shapes < 2:
+    if not SynthConfig(max_shapes=args.max_shapes, asked_types=tuple(args.question_types)).question_types():
         raise SystemExit("data synth: relation questions need --max_shapes 2 or more")
     for name in ("kinds", "colours"):
         chosen = getattr(args, name)
