@@ -132,10 +132,12 @@ def test_answers_follow_from_the_scene():
             assert answer == ("yes" if asked in words else "no")
         elif kind == "relation":
             a, b = (by_colour[c] for c in colours)
-            truth = {"to the left of": a["cell"] % 2 < b["cell"] % 2, "to the right of": a["cell"] % 2 > b["cell"] % 2,
-                     "above": a["cell"] // 2 < b["cell"] // 2, "below": a["cell"] // 2 > b["cell"] // 2}
-            relation = next(r for r in truth if f" {r} " in question)
-            assert answer == ("yes" if truth[relation] else "no")
+            if "left or to the right" in question:
+                assert a["cell"] % 2 != b["cell"] % 2
+                assert answer == ("left" if a["cell"] % 2 < b["cell"] % 2 else "right")
+            else:
+                assert "above or below" in question and a["cell"] // 2 != b["cell"] // 2
+                assert answer == ("above" if a["cell"] // 2 < b["cell"] // 2 else "below")
         checked[kind] += 1
     assert set(checked) == set(synth.QUESTION_TYPES)
 
@@ -175,24 +177,28 @@ def test_test_layouts_never_appear_in_training(tmp_path):
 
 def test_a_question_alone_does_not_reveal_its_answer():
     """The best guess from the question text alone (each distinct question's most frequent training answer)
-    does no better on held-out rows than always giving the type's most frequent training answer; and no
-    answer dominates a type."""
+    does no better on held-out rows than the most frequent training answer of the question's options (a relation
+    names its axis: left or right, above or below); and no answer dominates a type."""
     config = synth.SynthConfig(lang="both")
     train = [(lang, *a) for _, lang, _, asked in (synth.draw_row(config, "vlm_sft", i) for i in range(3000))
              for a in asked]
     test = [(lang, *asked[0]) for _, lang, _, asked in (synth.draw_row(config, "vlm_test", i) for i in range(3000))]
+    options = lambda kind, question: (kind, kind == "relation" and ("above" in question or "上面" in question))
     by_question: dict[str, Counter] = defaultdict(Counter)
     by_type: dict[tuple, Counter] = defaultdict(Counter)
+    by_options: dict[tuple, Counter] = defaultdict(Counter)
     for lang, kind, question, answer in train:
         by_question[question][answer] += 1
         by_type[kind, lang][answer] += 1
+        by_options[(lang, *options(kind, question))][answer] += 1
     for (kind, lang), answers in by_type.items():
         assert max(answers.values()) / sum(answers.values()) < 0.6, (kind, lang, answers)
     guess = lambda counter: counter.most_common(1)[0][0]
     text_only = np.mean([q in by_question and guess(by_question[q]) == a for _, _, q, a in test])
+    best_option = np.mean([guess(by_options[(lang, *options(kind, q))]) == a for lang, kind, q, a in test])
     majority = np.mean([guess(by_type[kind, lang]) == a for lang, kind, _, a in test])
-    assert text_only <= majority + 0.03, (text_only, majority)
-    assert majority < 0.36
+    assert text_only <= best_option + 0.03, (text_only, best_option)
+    assert majority < 0.36 and best_option < 0.4, (majority, best_option)
 
 
 def test_parquet_rows_are_flushed_one_group_at_a_time(tmp_path):
