@@ -16,7 +16,7 @@ from minimind_v.synth import QUESTION_TYPES
 MINIATURE = ["--train_rows", "48", "--test_rows", "12", "--llm_steps", "2", "--pretrain_steps", "2", "--sft_steps",
              "2", "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "1", "--vision_model",
              "random:tiny", "--chats", "1", "--device", "cpu", "--num_threads", "1", "--lang", "both",
-             "--focus_steps", "2"]
+             "--focus", "position:2", "relation:2", "--remix_steps", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,9 @@ def test_miniature_demo_writes_every_output(demo_run):
     for path in ("data/vlm_test.parquet", "tokenizer/tokenizer.json", "model/pretrain_64.pth",
                  "model/pretrain_vlm_64.pth", "model/sft_vlm_64.pth", "model/sft_vlm_64_vision/config.json",
                  "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "hf/preprocessor_config.json",
-                 "loss_pretrain.png", "loss_pretrain_vlm.png", "loss_sft_mixed.png", "loss_sft_focus.png",
-                 "loss_sft_vlm.png", "focus_data/vlm_sft.parquet", "predictions.jsonl",
+                 "loss_pretrain.png", "loss_pretrain_vlm.png", "loss_sft_mixed.png", "loss_sft_focus_position.png",
+                 "loss_sft_focus_relation.png", "loss_sft_vlm.png", "focus_data/position/vlm_sft.parquet",
+                 "focus_data/relation/vlm_sft.parquet", "predictions.jsonl",
                  "samples/test_0.png", "report.md"):
         assert (out / path).is_file(), path
     result = json.loads((out / "eval.json").read_text())
@@ -78,10 +79,21 @@ def test_plan_is_a_chain_of_cli_commands(tmp_path):
     chain = [(s.argv[1], value(s.argv, "--from_weight"), value(s.argv, "--save_weight"))
              for s in steps if s.argv[0] == "train"]
     assert chain == [("llm-pretrain", "none", None), ("vlm-pretrain", "pretrain", None),
-                     ("vlm-sft", "pretrain_vlm", "sft_mixed"), ("vlm-sft", "sft_mixed", "sft_focus"),
-                     ("vlm-sft", "sft_focus", "sft_vlm")]
-    focus = next(s.argv for s in steps if "--question_types" in s.argv)
-    assert value(focus, "--question_types") == "position" and value(focus, "--files") == "vlm_sft"
+                     ("vlm-sft", "pretrain_vlm", "sft_mixed"), ("vlm-sft", "sft_mixed", "sft_focus_position"),
+                     ("vlm-sft", "sft_focus_position", "sft_focus_relation"),
+                     ("vlm-sft", "sft_focus_relation", "sft_vlm")]
+    focus = [s.argv for s in steps if "--question_types" in s.argv]
+    assert [(value(f, "--question_types"), value(f, "--files")) for f in focus] == [("position", "vlm_sft"),
+                                                                                    ("relation", "vlm_sft")]
+    focus_files = [os.path.join(value(f, "--out_dir"), "vlm_sft.parquet") for f in focus]
+    train = [s.argv for s in steps if s.argv[0] == "train"]
+    assert [value(argv, "--max_steps") for argv in train[2:]] == ["2", "2", "2", "3"]
+    assert [argv[argv.index("--data_path") + 1] for argv in train[3:5]] == focus_files
+    remix_data = train[5][train[5].index("--data_path") + 1:train[5].index("--from_weight")]
+    assert remix_data[2:] == focus_files and len(remix_data) == 4  # the usual mix plus the focus questions
+    no_focus = build_parser(argv + ["--focus"]).parse_args(argv + ["--focus"])
+    assert not any("--question_types" in s.argv for s in demo.plan(no_focus))
+    assert demo.training_runs(no_focus) == ["pretrain", "pretrain_vlm", "sft_vlm"]
     for step in steps:
         parser_argv = step.argv
         build_parser(parser_argv).parse_args(parser_argv)  # every step parses as a real command line
@@ -90,8 +102,26 @@ def test_plan_is_a_chain_of_cli_commands(tmp_path):
                 assert value.startswith(str(tmp_path)), (step.title, value)
 
 
+def test_float32_cpu_runs_fewer_mixed_sft_steps(tmp_path):
+    """Float32 on a CPU is ~1.4x slower than bf16: the default mixed SFT shrinks to stay in the time budget; an
+    explicit --sft_steps and CUDA keep theirs."""
+    from minimind_v.cli import build_parser
+
+    def mixed_steps(*flags: str) -> str:
+        argv = ["demo", "--out_dir", str(tmp_path), *flags]
+        step = next(s.argv for s in demo.plan(build_parser(argv).parse_args(argv))
+                    if "--save_weight" in s.argv and s.argv[s.argv.index("--save_weight") + 1] == "sft_mixed")
+        return step[step.index("--max_steps") + 1]
+
+    assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu") == "900"
+    assert mixed_steps("--cpu_dtype", "bfloat16", "--device", "cpu") == "1800"
+    assert mixed_steps("--cpu_dtype", "float32", "--device", "cuda:0") == "1800"
+    assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu", "--sft_steps", "700") == "700"
+
+
 @pytest.mark.parametrize("flag, value", [("--sft_steps", "0"), ("--train_rows", "0"), ("--chats", "-1"),
-                                         ("--focus_steps", "-1")])
+                                         ("--focus", "position:0"), ("--focus", "where:300"), ("--focus", "position"),
+                                         ("--remix_steps", "0")])
 def test_bad_flags_are_refused_before_any_work(tmp_path, flag, value, capsys):
     with pytest.raises(SystemExit, match=flag.lstrip("-")):
         cli(["demo", "--out_dir", str(tmp_path / "x"), flag, value])

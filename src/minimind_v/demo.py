@@ -49,13 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--llm_steps", type=int, default=150, help="optimizer steps of LLM pretraining on text")
     optim.add_argument("--pretrain_steps", type=int, default=500, help="steps of VLM pretraining on captions")
     optim.add_argument("--sft_steps", type=int, default=None,
-                       help="steps of VLM SFT on questions and captions (default: 1800, or 1200 when training on a "
+                       help="steps of VLM SFT on questions and captions (default: 1800, or 900 when training on a "
                             "CPU in float32, which is ~1.4x slower than bf16)")
-    optim.add_argument("--focus_steps", type=int, default=600,
-                       help="then steps of SFT on position questions only (0: none, and no --remix_steps); mixed "
-                            "training alone does not learn to say where a shape is")
+    optim.add_argument("--focus", nargs="*", default=["position:600", "relation:300"], metavar="TYPE:STEPS",
+                       help="then phases of SFT on one question type alone, in order (none: `--focus` with no "
+                            "value); mixed training alone learns neither where a shape is nor relations")
     optim.add_argument("--remix_steps", type=int, default=300,
-                       help="then steps on the usual mix plus the position questions, so the other types come back")
+                       help="after the focus phases, steps on the usual mix plus their questions, so the other "
+                            "types come back")
     optim.add_argument("--batch_size", type=int, default=32)
     optim.add_argument("--learning_rate", type=float, default=2e-3)
     optim.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -69,8 +70,9 @@ def _check(args) -> None:
     for name in ("train_rows", "test_rows", "llm_steps", "pretrain_steps", "sft_steps", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"demo: --{name} must be at least 1 (got {getattr(args, name)})")
-    if args.focus_steps < 0 or args.remix_steps < 1:
-        raise SystemExit("demo: --focus_steps must not be negative and --remix_steps must be at least 1")
+    if args.remix_steps < 1:
+        raise SystemExit(f"demo: --remix_steps must be at least 1 (got {args.remix_steps})")
+    focus_phases(args)
     if args.chats < 0:
         raise SystemExit("demo: --chats must not be negative")
 
@@ -88,12 +90,26 @@ def default_cpu_dtype() -> str:
 
 
 def sft_steps(args) -> int:
-    """--sft_steps, or its default for the device and precision: in float32 a 2-core CPU needs 14.3 minutes for the
-    demo with 1800 steps, so it gets 1200 to stay within 15 minutes with set-up."""
+    """--sft_steps, or its default for the device and precision: float32 on a CPU is ~1.4x slower than bf16, so it
+    gets 900 steps instead of 1800 to stay within 15 minutes with set-up on a 2-core CPU."""
     if args.sft_steps is not None:
         return args.sft_steps
     on_cpu = not str(args.device).startswith("cuda")
-    return 1200 if on_cpu and (args.cpu_dtype or default_cpu_dtype()) == "float32" else 1800
+    return 900 if on_cpu and (args.cpu_dtype or default_cpu_dtype()) == "float32" else 1800
+
+
+def focus_phases(args) -> list[tuple[str, int]]:
+    """--focus as [(question type, steps)]; a clear error for anything else."""
+    from .synth import QUESTION_TYPES
+
+    phases = []
+    for phase in args.focus:
+        kind, _, steps = phase.partition(":")
+        if kind not in QUESTION_TYPES or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"demo: --focus takes TYPE:STEPS with TYPE one of {', '.join(QUESTION_TYPES)} and "
+                             f"STEPS at least 1, e.g. position:600 (got {phase!r})")
+        phases.append((kind, int(steps)))
+    return phases
 
 
 def paths(out_dir: str) -> dict[str, str]:
@@ -135,7 +151,7 @@ def plan(args) -> list[Step]:
                                              "--max_steps", str(args.pretrain_steps)] + vision + common),
         Step("VLM SFT on questions", ["train", "vlm-sft", "--data_path", data("vlm_sft.parquet"),
                                       data("vlm_pretrain.parquet"), "--from_weight", "pretrain_vlm",
-                                      "--save_weight", "sft_mixed" if args.focus_steps else "sft_vlm",
+                                      "--save_weight", "sft_mixed" if args.focus else "sft_vlm",
                                       "--learning_rate", lr, "--warmup_steps", "50",
                                       "--max_steps", str(sft_steps(args))] + vision + common),
     ] + focus_steps(args, p, vision + common) + [
@@ -152,31 +168,39 @@ def plan(args) -> list[Step]:
 
 def training_runs(args) -> list[str]:
     """The --save_weight of each training run, in order; the last one is the demo's model."""
-    return ["pretrain", "pretrain_vlm"] + (["sft_mixed", "sft_focus", "sft_vlm"] if args.focus_steps else ["sft_vlm"])
+    focus = [f"sft_focus_{kind}" for kind, _ in focus_phases(args)]
+    return ["pretrain", "pretrain_vlm"] + (["sft_mixed", *focus, "sft_vlm"] if focus else ["sft_vlm"])
 
 
 def focus_steps(args, p: dict[str, str], common: list[str]) -> list[Step]:
-    """Position questions alone, then the usual mix plus those questions, both at half the learning rate. In mixed
-    training the decoder does not learn to say where a shape is (position questions stay near chance, even with
-    4x their share); alone it learns it suddenly, after 150-250 steps at this rate (300 steps with a cosine decay
-    were sometimes too few, 600 were enough), and the position questions kept in the mix that follows keep most
-    of it (76% -> 88% measured against the mix alone)."""
-    if not args.focus_steps:
+    """Each --focus phase trains on its question type alone, from the previous phase's weights; then the usual mix
+    plus all those questions; all at half the learning rate. In mixed training the decoder learns neither to say
+    where a shape is nor relations (both stay near chance, even with 4x their share). Alone, position questions
+    are learned suddenly after 150-250 steps at this rate (300 steps with a cosine decay were sometimes too few,
+    600 were enough), and relations, once positions are, within 300 steps (34% -> 97% for the horizontal ones);
+    keeping their questions in the final mix keeps most of it (position 76% -> 88% against the mix alone)."""
+    phases = focus_phases(args)
+    if not phases:
         return []
-    focus_data = os.path.join(p["focus_data"], "vlm_sft.parquet")
-    mix = [os.path.join(p["data"], "vlm_sft.parquet"), os.path.join(p["data"], "vlm_pretrain.parquet"), focus_data]
     phase = ["--learning_rate", str(args.learning_rate / 2), "--warmup_steps", "20"]
-    return [
-        Step("synthetic position questions", ["data", "synth", "--out_dir", p["focus_data"],
-                                              "--files", "vlm_sft", "--question_types", "position",
-                                              "--train_rows", str(args.focus_steps * args.batch_size),
-                                              "--lang", args.lang, "--seed", str(args.seed)]),
-        Step("VLM SFT on position questions only", ["train", "vlm-sft", "--data_path", focus_data,
-                                                    "--from_weight", "sft_mixed", "--save_weight", "sft_focus",
-                                                    "--max_steps", str(args.focus_steps)] + phase + common),
-        Step("VLM SFT on the mix plus position questions", ["train", "vlm-sft", "--data_path", *mix,
-                                                            "--from_weight", "sft_focus", "--save_weight", "sft_vlm",
-                                                            "--max_steps", str(args.remix_steps)] + phase + common),
+    steps, focus_files, previous = [], [], "sft_mixed"
+    for kind, count in phases:
+        folder = os.path.join(p["focus_data"], kind)
+        focus_files.append(os.path.join(folder, "vlm_sft.parquet"))
+        steps += [
+            Step(f"synthetic {kind} questions", ["data", "synth", "--out_dir", folder, "--files", "vlm_sft",
+                                                 "--question_types", kind, "--train_rows", str(count * args.batch_size),
+                                                 "--lang", args.lang, "--seed", str(args.seed)]),
+            Step(f"VLM SFT on {kind} questions only", ["train", "vlm-sft", "--data_path", focus_files[-1],
+                                                       "--from_weight", previous, "--save_weight", f"sft_focus_{kind}",
+                                                       "--max_steps", str(count)] + phase + common),
+        ]
+        previous = f"sft_focus_{kind}"
+    mix = [os.path.join(p["data"], "vlm_sft.parquet"), os.path.join(p["data"], "vlm_pretrain.parquet")]
+    return steps + [
+        Step("VLM SFT on the mix plus the focus questions", ["train", "vlm-sft", "--data_path", *mix, *focus_files,
+                                                             "--from_weight", previous, "--save_weight", "sft_vlm",
+                                                             "--max_steps", str(args.remix_steps)] + phase + common),
     ]
 
 
