@@ -154,7 +154,7 @@ def plan(args) -> list[Step]:
                                       "--save_weight", "sft_mixed" if args.focus else "sft_vlm",
                                       "--learning_rate", lr, "--warmup_steps", "50",
                                       "--max_steps", str(sft_steps(args))] + vision + common),
-    ] + focus_steps(args, p, vision + common) + [
+    ] + focus_commands(args, p, vision + common) + [
         Step("export a transformers folder", ["export", "--out", p["hf"]] + trained),
         Step("held-out evaluation", ["eval", "--data_path", data("vlm_test.parquet"), "--train_path",
                                      data("vlm_sft.parquet"), "--blind", "--out", out("eval.json"),
@@ -172,7 +172,7 @@ def training_runs(args) -> list[str]:
     return ["pretrain", "pretrain_vlm"] + (["sft_mixed", *focus, "sft_vlm"] if focus else ["sft_vlm"])
 
 
-def focus_steps(args, p: dict[str, str], common: list[str]) -> list[Step]:
+def focus_commands(args, p: dict[str, str], common: list[str]) -> list[Step]:
     """Each --focus phase trains on its question type alone, from the previous phase's weights; then the usual mix
     plus all those questions; all at half the learning rate. In mixed training the decoder learns neither to say
     where a shape is nor relations (both stay near chance, even with 4x their share). Alone, position questions
@@ -197,10 +197,14 @@ def focus_steps(args, p: dict[str, str], common: list[str]) -> list[Step]:
         ]
         previous = f"sft_focus_{kind}"
     mix = [os.path.join(p["data"], "vlm_sft.parquet"), os.path.join(p["data"], "vlm_pretrain.parquet")]
+    # A short run reads only its first shuffle window or two, a few row groups of a few files (300 steps saw
+    # questions and relations but no caption: "Describe the image." -> "right"); one window over all rows mixes it.
+    rows = 2 * args.train_rows + args.batch_size * sum(count for _, count in phases)
     return steps + [
         Step("VLM SFT on the mix plus the focus questions", ["train", "vlm-sft", "--data_path", *mix, *focus_files,
                                                              "--from_weight", previous, "--save_weight", "sft_vlm",
-                                                             "--max_steps", str(args.remix_steps)] + phase + common),
+                                                             "--max_steps", str(args.remix_steps),
+                                                             "--shuffle_window", str(rows)] + phase + common),
     ]
 
 
