@@ -34,7 +34,8 @@ def synth_dir(tmp_path_factory):
 @pytest.mark.parametrize("prediction, reference", [
     ("Red.", "red"), ("  RED  ", "红色"), ("红", "red"), ("Top-left", "左上"), ("upper left", "top left"),
     ("3", "three"), ("三个", "three"), ("两个", "2"), ("Yes!", "是"), ("是的。", "有"), ("没有", "no"),
-    ("A circle", "圆形"), ("the star", "星形"), ("Grey", "gray"), ("十字形", "cross"),
+    ("A circle", "圆形"), ("the star", "星形"), ("Grey", "gray"), ("十字形", "cross"), ("左边", "left"),
+    ("Below.", "下面"),
 ])
 def test_equivalent_answers_match(prediction, reference):
     assert ev.normalize_answer(prediction) == ev.normalize_answer(reference)
@@ -42,6 +43,7 @@ def test_equivalent_answers_match(prediction, reference):
 
 @pytest.mark.parametrize("prediction, reference", [
     ("red circle", "red"), ("blue", "red"), ("yes", "no"), ("4", "three"), ("左下", "top left"), ("", "no"),
+    ("右边", "left"), ("above", "below"),
 ])
 def test_different_answers_do_not_match(prediction, reference):
     assert ev.normalize_answer(prediction) != ev.normalize_answer(reference)

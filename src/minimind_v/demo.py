@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="steps of VLM SFT on questions and captions (default: 1800, or 900 when training on a "
                             "CPU in float32, which is ~1.4x slower than bf16)")
     optim.add_argument("--focus", nargs="*", default=["position:600", "relation:300"], metavar="TYPE:STEPS",
-                       help="then phases of SFT on one question type alone, in order (none: `--focus` with no "
-                            "value); mixed training alone learns neither where a shape is nor relations")
+                       help="then phases of SFT on one question type alone, in order (default: position:600 "
+                            "relation:300; none: `--focus` with no value); mixed training alone learns neither "
+                            "where a shape is nor relations")
     optim.add_argument("--remix_steps", type=int, default=300,
                        help="after the focus phases, steps on the usual mix plus their questions, so the other "
                             "types come back")
