@@ -167,6 +167,19 @@ def test_epoch_order_is_a_seeded_permutation_that_any_position_can_reach(tmp_pat
     assert np.array_equal(flat(order), flat(again)) and not np.array_equal(flat(order), flat(other))
 
 
+def test_every_stretch_of_an_epoch_mixes_the_files_in_proportion():
+    """A run much shorter than an epoch (or one shuffle window) must see every file of a mix, not the few row
+    groups that a plain permutation of the chunks happens to put first."""
+    chunks = [data.Chunk("captions", i, 2048) for i in range(30)]
+    chunks += [data.Chunk("questions", i, 2048) for i in range(10)]
+    for seed in range(20):
+        order = EpochOrder(chunks, seed=seed, epoch=0, window=8192).chunk_order
+        from_questions = np.cumsum([chunks[i].path == "questions" for i in order])  # [C] in each prefix
+        assert np.all(np.abs(from_questions - np.arange(1, 41) / 4) <= 1.5), from_questions
+        assert from_questions[3] == 1  # the first window (4 row groups): 3 of captions, 1 of questions
+    assert sorted(order.tolist()) == list(range(40))
+
+
 def test_ranks_split_the_rows_and_a_resumed_epoch_continues_the_same_batches(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": f"row {i}"} for i in range(50)])
     config = DataConfig(paths=[str(path)], chat=False, max_seq_len=32, shuffle_window=16)

@@ -91,7 +91,6 @@ def test_plan_is_a_chain_of_cli_commands(tmp_path):
     assert [argv[argv.index("--data_path") + 1] for argv in train[3:5]] == focus_files
     remix_data = train[5][train[5].index("--data_path") + 1:train[5].index("--from_weight")]
     assert remix_data[2:] == focus_files and len(remix_data) == 4  # the usual mix plus the focus questions
-    assert value(train[5], "--shuffle_window") == str(2 * 48 + 4 * (2 + 2))  # one window over every row
     no_focus = build_parser(argv + ["--focus"]).parse_args(argv + ["--focus"])
     assert not any("--question_types" in s.argv for s in demo.plan(no_focus))
     assert demo.training_runs(no_focus) == ["pretrain", "pretrain_vlm", "sft_vlm"]
@@ -114,9 +113,9 @@ def test_float32_cpu_runs_fewer_mixed_sft_steps(tmp_path):
                     if "--save_weight" in s.argv and s.argv[s.argv.index("--save_weight") + 1] == "sft_mixed")
         return step[step.index("--max_steps") + 1]
 
-    assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu") == "900"
-    assert mixed_steps("--cpu_dtype", "bfloat16", "--device", "cpu") == "1800"
-    assert mixed_steps("--cpu_dtype", "float32", "--device", "cuda:0") == "1800"
+    assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu") == "450"
+    assert mixed_steps("--cpu_dtype", "bfloat16", "--device", "cpu") == "1200"
+    assert mixed_steps("--cpu_dtype", "float32", "--device", "cuda:0") == "1200"
     assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu", "--sft_steps", "700") == "700"
 
 

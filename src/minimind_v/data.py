@@ -3,10 +3,10 @@ samples rendered and labelled as the reference does, bad rows skipped and counte
 samples into one row with positions reset per document.
 
 Row order. Files are cut into chunks (a parquet row group, or a block of `JSONL_BLOCK` lines of a jsonl
-file). Each epoch permutes the chunks, groups consecutive chunks into windows of about `shuffle_window` rows
-and permutes the rows inside each window. Only the window being read is held in memory (raw bytes, not
-decoded), so memory depends on the window and row-group sizes, never on the file size, and any position of
-the epoch can be reached by loading one window.
+file). Each epoch orders the chunks at random with every file spread evenly over the epoch, groups
+consecutive chunks into windows of about `shuffle_window` rows and permutes the rows inside each window. Only
+the window being read is held in memory (raw bytes, not decoded), so memory depends on the window and
+row-group sizes, never on the file size, and any position of the epoch can be reached by loading one window.
 
 Micro-batches. A step consumes a fixed number of rows: `batch_size` rows per process per micro-batch.
 Position p of the epoch belongs to rank p % world_size, so the data position of a run is simply the number
@@ -198,16 +198,33 @@ def decode_record(raw) -> dict:
 # Order: one permutation per (seed, epoch), windowed
 
 
+def interleaved_chunk_order(chunks: list[Chunk], rng: np.random.Generator) -> np.ndarray:
+    """A random order of the chunks [C] in which every file is spread evenly over the epoch: each file's chunks
+    are shuffled, and a chunk covering rows [a, b) of its file's shuffled rows is placed at a random point of
+    [a, b) / (the file's rows). Any stretch of the epoch (a shuffle window, the first steps of a short run)
+    then holds the files in proportion to their rows, not a few row groups of whichever files came first."""
+    files = np.unique([chunk.path for chunk in chunks], return_inverse=True)[1]  # [C] file index of each chunk
+    sizes = np.array([chunk.rows for chunk in chunks], dtype=np.float64)
+    shuffled = np.lexsort((rng.random(len(chunks)), files))  # grouped by file, random inside a file
+    rows_before = np.cumsum(sizes[shuffled]) - sizes[shuffled]
+    file_start = np.r_[0.0, np.cumsum(np.bincount(files, weights=sizes))]  # [F + 1] rows before each file
+    start = np.empty(len(chunks))
+    start[shuffled] = rows_before - file_start[files[shuffled]]
+    place = (start + rng.random(len(chunks)) * sizes) / np.diff(file_start)[files]
+    return np.argsort(place, kind="stable")
+
+
 class EpochOrder:
     """Maps a position of the epoch to (chunk index, row in chunk) without materialising a permutation.
 
-    The chunks are permuted with rng(seed, epoch); consecutive chunks whose first row falls in the same
-    `window` rows form a window; rows inside window w are permuted with rng(seed, epoch, w).
+    The chunks are ordered by `interleaved_chunk_order` with rng(seed, epoch); consecutive chunks whose first
+    row falls in the same `window` rows form a window; rows inside window w are permuted with
+    rng(seed, epoch, w).
     """
 
     def __init__(self, chunks: list[Chunk], seed: int, epoch: int, window: int):
         self.seed, self.epoch = seed, epoch
-        self.chunk_order = np.random.default_rng([seed, epoch]).permutation(len(chunks))
+        self.chunk_order = interleaved_chunk_order(chunks, np.random.default_rng([seed, epoch]))
         sizes = np.array([chunks[i].rows for i in self.chunk_order], dtype=np.int64)
         first_row = np.cumsum(sizes) - sizes
         window_of_chunk = np.unique(first_row // max(window, 1), return_inverse=True)[1]

@@ -49,12 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--llm_steps", type=int, default=150, help="optimizer steps of LLM pretraining on text")
     optim.add_argument("--pretrain_steps", type=int, default=500, help="steps of VLM pretraining on captions")
     optim.add_argument("--sft_steps", type=int, default=None,
-                       help="steps of VLM SFT on questions and captions (default: 1800, or 900 when training on a "
+                       help="steps of VLM SFT on questions and captions (default: 1200, or 450 when training on a "
                             "CPU in float32, which is ~1.4x slower than bf16)")
-    optim.add_argument("--focus", nargs="*", default=["position:600", "relation:300"], metavar="TYPE:STEPS",
+    optim.add_argument("--focus", nargs="*", default=["position:600", "relation:300", "shape:300", "presence:300"],
+                       metavar="TYPE:STEPS",
                        help="then phases of SFT on one question type alone, in order (default: position:600 "
-                            "relation:300; none: `--focus` with no value); mixed training alone learns neither "
-                            "where a shape is nor relations")
+                            "relation:300 shape:300 presence:300; none: `--focus` with no value); mixed training "
+                            "alone learns neither where a shape is, nor relations, nor whether a kind is there")
     optim.add_argument("--remix_steps", type=int, default=300,
                        help="after the focus phases, steps on the usual mix plus their questions, so the other "
                             "types come back")
@@ -92,11 +93,11 @@ def default_cpu_dtype() -> str:
 
 def sft_steps(args, cpu_dtype: str) -> int:
     """--sft_steps, or its default for the device and precision: float32 on a CPU is ~1.4x slower than bf16, so it
-    gets 900 steps instead of 1800 to stay within 15 minutes with set-up on a 2-core CPU."""
+    gets 450 steps instead of 1200 to stay within 15 minutes with set-up on a 2-core CPU."""
     if args.sft_steps is not None:
         return args.sft_steps
     on_cpu = not str(args.device).startswith("cuda")
-    return 900 if on_cpu and cpu_dtype == "float32" else 1800
+    return 450 if on_cpu and cpu_dtype == "float32" else 1200
 
 
 def focus_phases(args) -> list[tuple[str, int]]:
@@ -177,10 +178,11 @@ def training_runs(args) -> list[str]:
 def focus_commands(args, p: dict[str, str], common: list[str]) -> list[Step]:
     """Each --focus phase trains on its question type alone, from the previous phase's weights; then the usual mix
     plus all those questions; all at half the learning rate. In mixed training the decoder learns neither to say
-    where a shape is nor relations (both stay near chance, even with 4x their share). Alone, position questions
-    are learned suddenly after 150-250 steps at this rate (300 steps with a cosine decay were sometimes too few,
-    600 were enough), and relations, once positions are, within 300 steps (34% -> 97% for the horizontal ones);
-    keeping their questions in the final mix keeps most of it (position 76% -> 88% against the mix alone)."""
+    where a shape is, nor relations, nor whether a kind of shape is there (all near chance, even with 4x their
+    share). Alone, each is learned suddenly, and the order matters (docs/synthetic_data.md): position questions
+    after 150-350 steps (300 were sometimes too few), relations within 300 steps once positions are known (not
+    after a shape phase), "Is there a circle?" within 300 steps once "What shape is at ...?" is (not without).
+    Keeping their questions in the final mix brings the other types back and keeps most of each skill."""
     phases = focus_phases(args)
     if not phases:
         return []
@@ -199,14 +201,10 @@ def focus_commands(args, p: dict[str, str], common: list[str]) -> list[Step]:
         ]
         previous = f"sft_focus_{kind}"
     mix = [os.path.join(p["data"], "vlm_sft.parquet"), os.path.join(p["data"], "vlm_pretrain.parquet")]
-    # A short run reads only its first shuffle window or two, a few row groups of a few files (300 steps saw
-    # questions and relations but no caption: "Describe the image." -> "right"); one window over all rows mixes it.
-    rows = 2 * args.train_rows + args.batch_size * sum(count for _, count in phases)
     return steps + [
         Step("VLM SFT on the mix plus the focus questions", ["train", "vlm-sft", "--data_path", *mix, *focus_files,
                                                              "--from_weight", previous, "--save_weight", "sft_vlm",
-                                                             "--max_steps", str(args.remix_steps),
-                                                             "--shuffle_window", str(rows)] + phase + common),
+                                                             "--max_steps", str(args.remix_steps)] + phase + common),
     ]
 
 
