@@ -113,9 +113,9 @@ def test_float32_cpu_runs_fewer_mixed_sft_steps(tmp_path):
                     if "--save_weight" in s.argv and s.argv[s.argv.index("--save_weight") + 1] == "sft_mixed")
         return step[step.index("--max_steps") + 1]
 
-    assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu") == "450"
-    assert mixed_steps("--cpu_dtype", "bfloat16", "--device", "cpu") == "1200"
-    assert mixed_steps("--cpu_dtype", "float32", "--device", "cuda:0") == "1200"
+    assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu") == "500"
+    assert mixed_steps("--cpu_dtype", "bfloat16", "--device", "cpu") == "1500"
+    assert mixed_steps("--cpu_dtype", "float32", "--device", "cuda:0") == "1500"
     assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu", "--sft_steps", "700") == "700"
 
 

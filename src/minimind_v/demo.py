@@ -49,12 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--llm_steps", type=int, default=150, help="optimizer steps of LLM pretraining on text")
     optim.add_argument("--pretrain_steps", type=int, default=500, help="steps of VLM pretraining on captions")
     optim.add_argument("--sft_steps", type=int, default=None,
-                       help="steps of VLM SFT on questions and captions (default: 1200, or 450 when training on a "
+                       help="steps of VLM SFT on questions and captions (default: 1500, or 500 when training on a "
                             "CPU in float32, which is ~1.4x slower than bf16)")
-    optim.add_argument("--focus", nargs="*", default=["position:600", "relation:300", "shape:300", "presence:300"],
+    optim.add_argument("--focus", nargs="*", default=["position:600", "relation:300", "shape:200", "presence:200"],
                        metavar="TYPE:STEPS",
                        help="then phases of SFT on one question type alone, in order (default: position:600 "
-                            "relation:300 shape:300 presence:300; none: `--focus` with no value); mixed training "
+                            "relation:300 shape:200 presence:200; none: `--focus` with no value); mixed training "
                             "alone learns neither where a shape is, nor relations, nor whether a kind is there")
     optim.add_argument("--remix_steps", type=int, default=300,
                        help="after the focus phases, steps on the usual mix plus their questions, so the other "
@@ -93,11 +93,11 @@ def default_cpu_dtype() -> str:
 
 def sft_steps(args, cpu_dtype: str) -> int:
     """--sft_steps, or its default for the device and precision: float32 on a CPU is ~1.4x slower than bf16, so it
-    gets 450 steps instead of 1200 to stay within 15 minutes with set-up on a 2-core CPU."""
+    gets 500 steps instead of 1500 to stay within 15 minutes with set-up on a 2-core CPU."""
     if args.sft_steps is not None:
         return args.sft_steps
     on_cpu = not str(args.device).startswith("cuda")
-    return 450 if on_cpu and cpu_dtype == "float32" else 1200
+    return 500 if on_cpu and cpu_dtype == "float32" else 1500
 
 
 def focus_phases(args) -> list[tuple[str, int]]:
@@ -181,7 +181,7 @@ def focus_commands(args, p: dict[str, str], common: list[str]) -> list[Step]:
     where a shape is, nor relations, nor whether a kind of shape is there (all near chance, even with 4x their
     share). Alone, each is learned suddenly, and the order matters (docs/synthetic_data.md): position questions
     after 150-350 steps (300 were sometimes too few), relations within 300 steps once positions are known (not
-    after a shape phase), "Is there a circle?" within 300 steps once "What shape is at ...?" is (not without).
+    after a shape phase), "Is there a circle?" within 200 steps once "What shape is at ...?" is (not without).
     Keeping their questions in the final mix brings the other types back and keeps most of each skill."""
     phases = focus_phases(args)
     if not phases:
