@@ -102,21 +102,23 @@ def test_plan_is_a_chain_of_cli_commands(tmp_path):
                 assert value.startswith(str(tmp_path)), (step.title, value)
 
 
-def test_float32_cpu_runs_fewer_mixed_sft_steps(tmp_path):
-    """Float32 on a CPU is ~1.4x slower than bf16: the default mixed SFT shrinks to stay in the time budget; an
-    explicit --sft_steps and CUDA keep theirs."""
+def test_float32_cpu_runs_a_shorter_recipe(tmp_path):
+    """Float32 on a CPU is ~1.4x slower than bf16: the default mixed SFT and focus phases shrink to stay in the
+    time budget; explicit flags and CUDA keep theirs."""
     from minimind_v.cli import build_parser
 
-    def mixed_steps(*flags: str) -> str:
+    def recipe(*flags: str) -> tuple[str, list[str]]:
         argv = ["demo", "--out_dir", str(tmp_path), *flags]
-        step = next(s.argv for s in demo.plan(build_parser(argv).parse_args(argv))
-                    if "--save_weight" in s.argv and s.argv[s.argv.index("--save_weight") + 1] == "sft_mixed")
-        return step[step.index("--max_steps") + 1]
+        train = [s.argv for s in demo.plan(build_parser(argv).parse_args(argv)) if s.argv[0] == "train"]
+        saved = [(argv[argv.index("--save_weight") + 1], argv[argv.index("--max_steps") + 1]) for argv in train[2:]]
+        return saved[0][1], [f"{weight.removeprefix('sft_focus_')}:{steps}" for weight, steps in saved[1:-1]]
 
-    assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu") == "500"
-    assert mixed_steps("--cpu_dtype", "bfloat16", "--device", "cpu") == "1500"
-    assert mixed_steps("--cpu_dtype", "float32", "--device", "cuda:0") == "1500"
-    assert mixed_steps("--cpu_dtype", "float32", "--device", "cpu", "--sft_steps", "700") == "700"
+    four = ["position:600", "relation:300", "shape:200", "presence:200"]
+    assert recipe("--cpu_dtype", "float32", "--device", "cpu") == ("900", four[:2])
+    assert recipe("--cpu_dtype", "bfloat16", "--device", "cpu") == ("1500", four)
+    assert recipe("--cpu_dtype", "float32", "--device", "cuda:0") == ("1500", four)
+    assert recipe("--cpu_dtype", "float32", "--device", "cpu", "--sft_steps", "700", "--focus", "shape:5") == (
+        "700", ["shape:5"])
 
 
 @pytest.mark.parametrize("flag, value", [("--sft_steps", "0"), ("--train_rows", "0"), ("--chats", "-1"),
