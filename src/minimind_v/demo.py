@@ -125,8 +125,9 @@ def paths(out_dir: str) -> dict[str, str]:
 
 
 def plan(args) -> list[Step]:
-    """The command lines of the demo, in order (after `fill_defaults`)."""
+    """The command lines of the demo, in order, after filling the hardware defaults and refusing bad values."""
     fill_defaults(args)
+    _check(args)
     p = paths(args.out_dir)
     data = lambda name: os.path.join(p["data"], name)
     out = lambda name: os.path.join(args.out_dir, name)
@@ -337,10 +338,9 @@ def write_report(args, timings, result: dict, chats) -> str:
 def main(args) -> None:
     from .evaluate import format_table
 
-    fill_defaults(args)
-    _check(args)
+    steps = plan(args)
     start = time.perf_counter()
-    timings = run_steps(plan(args))
+    timings = run_steps(steps)
     print(f"\n[chat] {args.chats} held-out images, asked through {paths(args.out_dir)['hf']}", flush=True)
     chat_start = time.perf_counter()
     chats = sample_chats(args)
