@@ -70,22 +70,20 @@ PACK = data.pack
 
 
 def pad_like_the_reference(samples, max_seq_len, packing=True, image_id=12, image_token_len=0, pad_multiple=1,
-                           rows_read=0, bad=None):
+                           rows_read=0, bad=None, rows_used=None):
     """Replacement for `data.pack`: each sample alone in a row, right-padded to max_seq_len."""
-    return PACK(samples, max_seq_len, False, image_id, image_token_len, max_seq_len, rows_read, bad)
+    return PACK(samples, max_seq_len, False, image_id, image_token_len, max_seq_len, rows_read, bad, rows_used)
 
 
 @contextlib.contextmanager
 def reference_data_path():
-    """Pad every sample to max_seq_len and use plain causal attention without position ids (the pad tokens
-    then sit after the sample, as in the reference, and need no mask)."""
-    inputs = train.Trainer._inputs
+    """Pad every sample to max_seq_len (with --packing 0, plain causal attention without position ids: the pad
+    tokens then sit after the sample, as in the reference, and need no mask)."""
     data.pack = pad_like_the_reference
-    train.Trainer._inputs = lambda self, batch: {k: v for k, v in inputs(self, batch).items() if k != "position_ids"}
     try:
         yield
     finally:
-        data.pack, train.Trainer._inputs = PACK, inputs
+        data.pack = PACK
 
 
 def run(mode: str, args, dataset: str, folder: str) -> dict:
@@ -101,6 +99,8 @@ def run(mode: str, args, dataset: str, folder: str) -> dict:
              "--dtype", args.dtype, "--num_threads", str(args.num_threads)]
     if args.train_vision:
         flags += ["--train_vision", "1"]
+    if mode == "padded":
+        flags += ["--packing", "0"]
     baseline = reference_data_path() if mode == "padded" else contextlib.nullcontext()
     with baseline, contextlib.redirect_stdout(io.StringIO()):
         train.main(parser.parse_args(flags))

@@ -69,7 +69,7 @@ def lively_vlm(tiny_vlm):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_tokenizer, tmp_path_factory):
     """A lively tiny VLM exported with its tokenizer as a transformers folder (for `--load_from`)."""
-    from minimind_v.weights import export_pretrained
+    from minimind_v.loading import export_pretrained
 
     torch.manual_seed(0)
     model = liven(MiniMindVLM(preset_config("tiny", vocab_size=len(tiny_tokenizer))).eval())

@@ -16,7 +16,7 @@ from PIL import Image
 from minimind_v import cli
 from minimind_v.chat import ChatSession
 from minimind_v.generate import ChatRequest, Engine, GenerationConfig
-from minimind_v.weights import load_pretrained_folder
+from minimind_v.loading import load_pretrained_folder
 
 GREEDY = GenerationConfig(max_new_tokens=12, do_sample=False)
 

@@ -14,16 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from minimind_v import data
-from minimind_v.data import (
-    IGNORE,
-    BadSample,
-    DataConfig,
-    EpochOrder,
-    SampleBuilder,
-    TrainingData,
-    assistant_labels,
-    pack,
-)
+from minimind_v.chat_encoder import IGNORE, assistant_labels
+from minimind_v.data import DataConfig, EpochOrder, TrainingData, pack, sample_builder
+from minimind_v.samples import BadSample, Sample, image_list
 from minimind_v.tokenizer import load_tokenizer
 from minimind_v.vision import ImagePreprocessor
 from training_data import conversation, image_bytes, sft_records, vlm_rows, write_jsonl, write_parquet
@@ -61,10 +54,10 @@ def test_assistant_labels_match_the_reference_scan():
 
 def test_chat_sample_with_the_reference_tokenizer():
     tokenizer = load_tokenizer(str(reference_path("upstream_tokenizer")))
-    config = DataConfig(paths=[], chat=True, max_seq_len=768, image_token_len=64, add_system_ratio=0,
+    config = DataConfig(paths=[], kind="chat", max_seq_len=768, image_token_len=64, add_system_ratio=0,
                         empty_think_ratio=1.0)
-    builder = SampleBuilder(config, tokenizer, ImagePreprocessor(256))
-    assert builder.begin.tolist() == [1, 1388, 570, 811, 234] and builder.end.tolist() == [2, 234]
+    builder = sample_builder(config, tokenizer, ImagePreprocessor(256))
+    assert builder.encoder.begin.tolist() == [1, 1388, 570, 811, 234] and builder.encoder.end.tolist() == [2, 234]
     record = {"conversations": json.dumps(conversation("<image>\nWhat is it?", "A red circle.")),
               "image_bytes": image_bytes("red", "circle", "JPEG", 256)}
     sample = builder.build(record, random.Random(0))
@@ -76,8 +69,8 @@ def test_chat_sample_with_the_reference_tokenizer():
 
 
 def test_empty_think_is_dropped_and_system_prompt_added_with_the_given_probabilities(tiny_tokenizer):
-    config = DataConfig(paths=[], chat=True, max_seq_len=2048, add_system_ratio=0.5, empty_think_ratio=0.25)
-    builder = SampleBuilder(config, tiny_tokenizer)
+    config = DataConfig(paths=[], kind="chat", max_seq_len=2048, add_system_ratio=0.5, empty_think_ratio=0.25)
+    builder = sample_builder(config, tiny_tokenizer)
     record = {"conversations": conversation("hi", "hello")}
     system = think = 0
     for i in range(400):
@@ -91,13 +84,13 @@ def test_empty_think_is_dropped_and_system_prompt_added_with_the_given_probabili
 
 
 def test_pretraining_text_sample(tiny_tokenizer):
-    config = DataConfig(paths=[], chat=False, max_seq_len=8)
-    sample = SampleBuilder(config, tiny_tokenizer).build({"text": "The red circle is on the left."}, random.Random())
+    config = DataConfig(paths=[], kind="text", max_seq_len=8)
+    sample = sample_builder(config, tiny_tokenizer).build({"text": "The red circle is on the left."}, random.Random())
     assert len(sample.ids) == 8 and sample.ids[0] == tiny_tokenizer.bos_token_id
     assert sample.ids[-1] == tiny_tokenizer.eos_token_id
     assert sample.labels[0] == IGNORE and sample.labels[1:].tolist() == sample.ids[1:].tolist()
     with pytest.raises(BadSample, match="empty_text"):
-        SampleBuilder(config, tiny_tokenizer).build({"text": "  "}, random.Random())
+        sample_builder(config, tiny_tokenizer).build({"text": "  "}, random.Random())
 
 
 def bad_rows_parquet(path) -> tuple[int, Counter]:
@@ -129,7 +122,7 @@ def bad_rows_parquet(path) -> tuple[int, Counter]:
 def test_bad_rows_are_skipped_and_counted_and_no_good_row_is_lost(tmp_path, tiny_tokenizer):
     processor = ImagePreprocessor(64)
     good, expected = bad_rows_parquet(tmp_path / "mixed.parquet")
-    config = DataConfig(paths=[str(tmp_path / "mixed.parquet")], chat=True, max_seq_len=120, image_token_len=64,
+    config = DataConfig(paths=[str(tmp_path / "mixed.parquet")], kind="chat", max_seq_len=120, image_token_len=64,
                         add_system_ratio=0)
     micro = TrainingData(config, tiny_tokenizer, processor).epoch(0, 0, batch_size=5)
     batches = [micro[k] for k in range(len(micro))]
@@ -144,7 +137,7 @@ def test_jsonl_reading_with_blank_lines_invalid_json_and_several_blocks(tmp_path
     lines[3] = "{not json"
     lines.insert(5, "")
     path = write_jsonl(tmp_path / "sft.jsonl", lines)
-    config = DataConfig(paths=[str(path)], chat=True, max_seq_len=256, add_system_ratio=0)
+    config = DataConfig(paths=[str(path)], kind="chat", max_seq_len=256, add_system_ratio=0)
     training = TrainingData(config, tiny_tokenizer)
     assert [c.rows for c in training.chunks] == [4, 4, 2]
     micro = training.epoch(0, 0, batch_size=3)
@@ -182,7 +175,7 @@ def test_every_stretch_of_an_epoch_mixes_the_files_in_proportion():
 
 def test_ranks_split_the_rows_and_a_resumed_epoch_continues_the_same_batches(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": f"row {i}"} for i in range(50)])
-    config = DataConfig(paths=[str(path)], chat=False, max_seq_len=32, shuffle_window=16)
+    config = DataConfig(paths=[str(path)], kind="text", max_seq_len=32, shuffle_window=16)
     training = TrainingData(config, tiny_tokenizer)
     decode = lambda b: sorted(tiny_tokenizer.decode(d, skip_special_tokens=True) for d in documents(b))
     single = training.epoch(3, 0, batch_size=4)
@@ -208,7 +201,7 @@ def documents(batch) -> list[list[int]]:
 
 def test_streaming_reads_only_the_window_it_needs(tmp_path, tiny_tokenizer, monkeypatch):
     path = write_parquet(tmp_path / "many.parquet", vlm_rows(60), row_group_size=5)
-    config = DataConfig(paths=[str(path)], chat=True, max_seq_len=200, image_token_len=64, shuffle_window=10)
+    config = DataConfig(paths=[str(path)], kind="chat", max_seq_len=200, image_token_len=64, shuffle_window=10)
     training = TrainingData(config, tiny_tokenizer, ImagePreprocessor(64))
     reads = []
     original = data.RowReader.read
@@ -220,7 +213,7 @@ def test_streaming_reads_only_the_window_it_needs(tmp_path, tiny_tokenizer, monk
 
 def test_dataloader_workers_do_not_change_the_batches(tmp_path, tiny_tokenizer):
     path = write_parquet(tmp_path / "vlm.parquet", vlm_rows(24), row_group_size=6)
-    config = DataConfig(paths=[str(path)], chat=True, max_seq_len=200, image_token_len=64)
+    config = DataConfig(paths=[str(path)], kind="chat", max_seq_len=200, image_token_len=64)
     training = TrainingData(config, tiny_tokenizer, ImagePreprocessor(64))
     runs = [list(data.loader(training.epoch(0, 0, 4), workers, pin_memory=False)) for workers in (0, 2)]
     for a, b in zip(*runs):
@@ -229,7 +222,7 @@ def test_dataloader_workers_do_not_change_the_batches(tmp_path, tiny_tokenizer):
 
 
 def test_pack_layout(tiny_tokenizer):
-    samples = [data.Sample(np.arange(1, n + 1), np.r_[IGNORE, np.arange(2, n + 1)]) for n in (5, 3, 7, 2)]
+    samples = [Sample(np.arange(1, n + 1), np.r_[IGNORE, np.arange(2, n + 1)]) for n in (5, 3, 7, 2)]
     batch = pack(samples, max_seq_len=8)
     assert batch.input_ids.shape == (3, 7) and batch.real_tokens == 17 and batch.samples == 4  # 7 | 5 | 3+2
     starts = batch.position_ids == 0
@@ -279,7 +272,7 @@ def test_packed_batch_gives_each_sample_its_own_loss(tmp_path, tiny_tokenizer, t
 
 def check_packed_losses(tmp_path, tiny_tokenizer, tiny_vlm):
     path = write_parquet(tmp_path / "vlm.parquet", vlm_rows(12), row_group_size=12)
-    config = DataConfig(paths=[str(path)], chat=True, max_seq_len=300, image_token_len=64, shuffle_window=1)
+    config = DataConfig(paths=[str(path)], kind="chat", max_seq_len=300, image_token_len=64, shuffle_window=1)
     training = TrainingData(config, tiny_tokenizer, tiny_vlm.image_processor)
     micro = training.epoch(0, 0, batch_size=12)
     samples, _ = micro.samples(np.arange(12))
@@ -297,7 +290,7 @@ def check_packed_losses(tmp_path, tiny_tokenizer, tiny_vlm):
 
 def test_text_only_rows_carry_no_image(tmp_path, tiny_tokenizer):
     path = write_parquet(tmp_path / "vlm.parquet", vlm_rows(5), row_group_size=5)
-    config = DataConfig(paths=[str(path)], chat=True, max_seq_len=300, image_token_len=64, shuffle_window=1)
+    config = DataConfig(paths=[str(path)], kind="chat", max_seq_len=300, image_token_len=64, shuffle_window=1)
     training = TrainingData(config, tiny_tokenizer, ImagePreprocessor(64))
     micro = training.epoch(0, 0, batch_size=5)
     text_only, _ = micro.samples(np.arange(5))
@@ -308,17 +301,17 @@ def test_text_only_rows_carry_no_image(tmp_path, tiny_tokenizer):
 
 
 def test_image_list_accepts_the_usual_cell_forms():
-    assert data.image_list(None) == []
-    assert data.image_list(b"x") == [b"x"]
-    assert data.image_list([b"x", b"y"]) == [b"x", b"y"]
-    assert data.image_list({"bytes": b"x", "path": None}) == [b"x"]
+    assert image_list(None) == []
+    assert image_list(b"x") == [b"x"]
+    assert image_list([b"x", b"y"]) == [b"x", b"y"]
+    assert image_list({"bytes": b"x", "path": None}) == [b"x"]
 
 
 def test_parquet_without_the_required_column_is_a_clear_error(tmp_path, tiny_tokenizer):
     path = tmp_path / "wrong.parquet"
     pq.write_table(pa.table({"caption": ["a"]}), path)
     with pytest.raises(ValueError, match="needs a `conversations` column"):
-        TrainingData(DataConfig(paths=[str(path)], chat=True, max_seq_len=64), tiny_tokenizer)
+        TrainingData(DataConfig(paths=[str(path)], kind="chat", max_seq_len=64), tiny_tokenizer)
 
 
 def test_preview_shows_images_text_and_skip_reasons(tmp_path):
@@ -340,8 +333,8 @@ def test_preview_shows_images_text_and_skip_reasons(tmp_path):
 
 
 def test_image_rows_need_their_image_column(tiny_tokenizer):
-    config = DataConfig(paths=[], chat=True, max_seq_len=200, image_token_len=64)
-    builder = SampleBuilder(config, tiny_tokenizer, ImagePreprocessor(64))
+    config = DataConfig(paths=[], kind="chat", max_seq_len=200, image_token_len=64)
+    builder = sample_builder(config, tiny_tokenizer, ImagePreprocessor(64))
     record = {"conversations": conversation("<image>\nWhat is it?", "A circle.")}
     with pytest.raises(BadSample, match="missing_field"):
         builder.build(dict(record), random.Random(0))
@@ -352,7 +345,7 @@ def test_image_rows_need_their_image_column(tiny_tokenizer):
 
 
 def test_malformed_tool_calls_make_a_bad_conversation_not_a_crash(tiny_tokenizer):
-    builder = SampleBuilder(DataConfig(paths=[], chat=True, max_seq_len=200), tiny_tokenizer)
+    builder = sample_builder(DataConfig(paths=[], kind="chat", max_seq_len=200), tiny_tokenizer)
     calls = {"conversations": [{"role": "user", "content": "q"},
                                {"role": "assistant", "content": "a", "tool_calls": '["not a call"]'}]}
     with pytest.raises(BadSample, match="bad_conversation"):

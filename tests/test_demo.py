@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -51,14 +50,12 @@ def test_exported_folder_chats_like_the_native_weights(demo_run):
     from PIL import Image
 
     from minimind_v.generate import ChatRequest, Engine, GenerationConfig
+    from minimind_v.loading import load_model, load_pretrained_folder
     from minimind_v.tokenizer import load_tokenizer
-    from minimind_v.weights import load_model_from_args, load_pretrained_folder
 
     out = demo_run
-    args = SimpleNamespace(load_from=None, save_dir=str(out / "model"), weight="sft_vlm", hidden_size=64,
-                           num_hidden_layers=1, use_moe=0, vision_model=None, tokenizer=str(out / "tokenizer"),
-                           device="cpu")
-    native, tokenizer = load_model_from_args(args)  # finds the trained tower next to the weights
+    native, tokenizer = load_model(save_dir=str(out / "model"), weight="sft_vlm", hidden_size=64, num_hidden_layers=1,
+                                   tokenizer=str(out / "tokenizer"))  # finds the trained tower next to the weights
     exported = load_pretrained_folder(str(out / "hf")).eval()
     image = Image.open(out / "samples" / "test_0.png")
     request = [ChatRequest(messages=[{"role": "user", "content": "<image>\nDescribe the image."}], images=[image])]
@@ -139,15 +136,13 @@ def test_llm_only_weights_load_as_a_text_model(demo_run):
     """`--vision_model none` loads the LLM stage's weights (no projector in the file) for text chat; with a
     tower, the same file is refused with the missing projector keys named."""
     from minimind_v.generate import ChatRequest, Engine, GenerationConfig
-    from minimind_v.weights import load_model_from_args
+    from minimind_v.loading import load_model
 
-    args = SimpleNamespace(load_from=None, save_dir=str(demo_run / "model"), weight="pretrain", hidden_size=64,
-                           num_hidden_layers=1, use_moe=0, vision_model="none", tokenizer=str(demo_run / "tokenizer"),
-                           device="cpu")
-    model, tokenizer = load_model_from_args(args)
+    source = dict(save_dir=str(demo_run / "model"), weight="pretrain", hidden_size=64, num_hidden_layers=1,
+                  tokenizer=str(demo_run / "tokenizer"))
+    model, tokenizer = load_model(**source, vision_model="none")
     reply = Engine(model, tokenizer).generate([ChatRequest(messages=[{"role": "user", "content": "Hi"}])],
                                               GenerationConfig(max_new_tokens=4, do_sample=False))[0]
     assert reply.completion_tokens >= 1
-    args.vision_model = "random:tiny"
     with pytest.raises(ValueError, match="vision_proj"):
-        load_model_from_args(args)
+        load_model(**source, vision_model="random:tiny")

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from minimind_v.generate import ChatRequest, Engine, GenerationConfig
-from minimind_v.weights import load_pretrained_folder
+from minimind_v.loading import load_pretrained_folder
 
 openai = pytest.importorskip("openai")
 serve = pytest.importorskip("minimind_v.serve")

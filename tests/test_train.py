@@ -17,10 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minimind_v import cli, train
+from minimind_v import cli, loop
 from minimind_v.checkpoint import load_resume
-from minimind_v.train import learning_rate
-from minimind_v.weights import add_model_arguments, load_model_from_args
+from minimind_v.loading import load_model
+from minimind_v.loop import learning_rate
+from minimind_v.objectives import causal_lm
+from minimind_v.options import add_model_arguments, model_options
 from training_data import sft_records, vlm_rows, write_all, write_jsonl, write_parquet
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_workers", "0", "--device", "cpu",
@@ -80,7 +82,7 @@ def test_chained_stages_write_reference_files_that_load(chain):
     args = parser.parse_args(["--save_dir", str(out), "--hidden_size", "64", "--num_hidden_layers", "2",
                               "--vision_model", str(out / "sft_vlm_64_vision"), "--tokenizer", str(chain / "tok"),
                               "--device", "cpu"])
-    model, _ = load_model_from_args(args)
+    model, _ = load_model(**model_options(args))
     for key, value in vlm_sft.items():
         assert torch.equal(model.state_dict()[key].half(), value)
     assert torch.equal(model.vision_encoder.state_dict()["embeddings.patch_embedding.weight"],
@@ -127,8 +129,8 @@ def test_too_many_bad_rows_stop_with_the_counts(chain, tmp_path):
 
 def test_nan_steps_are_skipped_then_stop_the_run(chain, tmp_path, monkeypatch):
     shutil.copy(chain / "out" / "llm_64.pth", tmp_path / "llm_64.pth")
-    real_ce = train.F.cross_entropy
-    monkeypatch.setattr(train.F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
+    real_ce = causal_lm.F.cross_entropy
+    monkeypatch.setattr(causal_lm.F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
     with pytest.raises(SystemExit, match="3 optimizer steps in a row had a NaN/inf loss"):
         run_cli(chain, "llm-sft", "--data_path", str(chain / "data" / "sft.jsonl"), "--out_dir", str(tmp_path),
                 "--from_weight", "llm", "--save_weight", "nan", "--max_nonfinite_steps", "3", "--save_interval", "1",
@@ -138,14 +140,14 @@ def test_nan_steps_are_skipped_then_stop_the_run(chain, tmp_path, monkeypatch):
 
 
 def test_sigterm_saves_and_stops_cleanly(chain, tmp_path, monkeypatch):
-    step = train.Trainer._optimizer_step
+    step = loop.Loop._optimizer_step
 
     def step_then_signal(self, group):
         step(self, group)
         if self.state.global_step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(train.Trainer, "_optimizer_step", step_then_signal)
+    monkeypatch.setattr(loop.Loop, "_optimizer_step", step_then_signal)
     with pytest.raises(SystemExit) as stopped:
         run_cli(chain, "llm-sft", "--data_path", str(chain / "data" / "sft.jsonl"), "--out_dir", str(tmp_path),
                 "--checkpoint_dir", str(tmp_path), "--from_weight", "none", "--batch_size", "4", "--max_steps", "5")
@@ -224,9 +226,10 @@ def test_unpacked_rows_train_like_packed_rows_and_bf16_autocast_stays_close(smal
 def test_an_error_in_a_step_ends_the_process_despite_its_data_workers(small_vlm_data, tmp_path):
     """The workers ignore SIGTERM (the main process saves first); an exception in the main process must still
     end the run instead of leaving the interpreter waiting for them at exit."""
-    failing = ("import sys; from minimind_v import cli, train\n"
-               "def fail(self, batch): raise RuntimeError('forward failed')\n"
-               "train.Trainer._inputs = fail\n"
+    failing = ("import sys; from minimind_v import cli\n"
+               "from minimind_v.objectives import causal_lm\n"
+               "def fail(*args): raise RuntimeError('forward failed')\n"
+               "causal_lm.forward = fail\n"
                "cli.main(sys.argv[1:])")
     argv = vlm_argv(small_vlm_data, "failing", "--batch_size", "4", "--max_steps", "3", "--num_workers", "1")
     run = subprocess_train(argv, launcher=("-c", failing))

@@ -16,8 +16,9 @@ from minimind_v import cli
 from minimind_v.chat import load_image
 from minimind_v.config import preset_config
 from minimind_v.generate import ChatRequest, GenerationConfig
+from minimind_v.loading import export_pretrained
 from minimind_v.vlm import MiniMindVLM
-from minimind_v.weights import export_pretrained, save_native
+from minimind_v.weights import save_native
 
 from conftest import liven
 

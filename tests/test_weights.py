@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from minimind_v.config import MiniMindConfig, preset_config
 from minimind_v.llm import MiniMindForCausalLM
+from minimind_v.loading import export_pretrained, load_pretrained_folder
 from minimind_v.vlm import MiniMindVLM
-from minimind_v.weights import export_pretrained, load_native, load_pretrained_folder, native_state_dict, save_native
+from minimind_v.weights import load_native, native_state_dict, save_native
 
 from conftest import reference_path
 

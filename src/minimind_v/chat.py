@@ -3,7 +3,7 @@
 Type a message and press Enter; the reply streams back. Commands: `/image PATH` attaches an image to your
 next message (repeat it for several), `/reset` forgets the conversation, `/think on|off` switches the
 reasoning block, `/quit` (or end of input) leaves. Input may also be piped in, one line per message.
-Also holds the sampling flags and image loading shared by `describe` and `webui`.
+Also holds the model loading and reply printing shared by `describe`, `serve` and `webui`.
 """
 
 from __future__ import annotations
@@ -16,37 +16,18 @@ from typing import TextIO
 from PIL import Image
 
 from .generate import ChatRequest, Completion, Engine, GenerationConfig, inference_dtype
+from .loading import load_model
+from .options import add_model_arguments, add_sampling_arguments, model_options, sampling_config
 from .tokenizer import IMAGE_MARKER
 from .vision import load_image
-from .weights import add_model_arguments, load_model_from_args
 
 HELP = ("commands: /image PATH (attach an image to the next message; repeat for several), /reset, "
         "/think on|off, /quit")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.7, top_p: float = 0.85,
-                           max_new_tokens: int = 512) -> None:
-    """Sampling flags (reference `eval_vlm.py` defaults) and the prompt length limit."""
-    group = parser.add_argument_group("generation")
-    group.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    group.add_argument("--temperature", type=float, default=temperature, help="0 decodes greedily")
-    group.add_argument("--top_p", type=float, default=top_p)
-    group.add_argument("--top_k", type=int, default=50, help="0 disables top-k filtering")
-    group.add_argument("--repetition_penalty", type=float, default=1.0)
-    group.add_argument("--seed", type=int, default=None, help="fix the sampling for reproducible replies")
-    group.add_argument("--open_thinking", type=int, default=0, choices=[0, 1], help="start with reasoning on")
-    group.add_argument("--max_seq_len", type=int, default=8192, help="longest prompt, in tokens")
-    group.add_argument("--show_speed", type=int, default=1, choices=[0, 1], help="print tokens/s after replies")
-
-
-def sampling_config(args) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-
-
 def load_engine(args) -> Engine:
     """The model of the `add_model_arguments` flags (bf16 on CUDA), ready to chat."""
-    model, tokenizer = load_model_from_args(args, dtype=inference_dtype(args.device))
+    model, tokenizer = load_model(**model_options(args), dtype=inference_dtype(args.device))
     return Engine(model, tokenizer, max_prompt_tokens=args.max_seq_len)
 
 

@@ -9,17 +9,14 @@ world_size, wandb_id, scaler).
 
 from __future__ import annotations
 
-import glob
 import os
 import random
-import shutil
-import tempfile
 
 import numpy as np
 import torch
 from torch import nn
 
-from .weights import atomic_save, run_name, unwrap
+from .weights import atomic_save, replace_folder, run_name, unwrap
 
 FORMAT = "minimind-v-resume/1"
 
@@ -97,24 +94,11 @@ def load_resume(path: str) -> dict:
 
 
 def save_vision_tower(model: nn.Module, folder: str) -> None:
-    """Write the tower and its preprocessing config to `folder` via a temporary folder and a rename, so an
-    interrupted save never leaves a half-written folder under that name."""
+    """Write the tower and its preprocessing config to `folder` (atomically, see `replace_folder`)."""
     model = unwrap(model)
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(glob.escape(folder) + ".tmp-*"):  # left by a killed save
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(folder) + ".tmp-")
-    try:
+
+    def write(staging: str) -> None:
         model.vision_encoder.save_pretrained(staging)
         model.image_processor.save_pretrained(staging)
-        old = folder + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        if os.path.exists(folder):
-            os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_folder(folder, write)

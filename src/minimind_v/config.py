@@ -10,6 +10,11 @@ import math
 
 from transformers import PretrainedConfig
 
+# The image placeholder: each image fills a block of `image_token_len` of these tokens (fixed id in every MiniMind
+# tokenizer, the reference's `image_ids[0]`).
+IMAGE_TOKEN = "<|image_pad|>"
+IMAGE_TOKEN_ID = 12
+
 YARN_SCALING = {
     "beta_fast": 32,
     "beta_slow": 1,
@@ -121,7 +126,7 @@ class VLMConfig(MiniMindConfig):
 
     def __init__(
         self,
-        image_special_token: str = "<|image_pad|>",
+        image_special_token: str = IMAGE_TOKEN,
         image_ids: list[int] | None = None,
         image_hidden_size: int = 768,
         image_token_len: int = 64,
@@ -132,7 +137,7 @@ class VLMConfig(MiniMindConfig):
         **kwargs,
     ):
         self.image_special_token = image_special_token
-        self.image_ids = list(image_ids) if image_ids is not None else [12]
+        self.image_ids = list(image_ids) if image_ids is not None else [IMAGE_TOKEN_ID]
         self.image_hidden_size = image_hidden_size
         self.image_token_len = image_token_len
         self.vision_config = dict(vision_config) if vision_config else None

@@ -1,6 +1,6 @@
 """Training data: streaming reads of parquet / jsonl files, one deterministic row order per (seed, epoch),
-samples rendered and labelled as the reference does, bad rows skipped and counted, and packing of several
-samples into one row with positions reset per document.
+rows turned into documents by `samples.SampleBuilder` (bad rows skipped and counted), and packing of several
+documents into one row with positions reset per document.
 
 Row order. Files are cut into chunks (a parquet row group, or a block of `JSONL_BLOCK` lines of a jsonl
 file). Each epoch orders the chunks at random with every file spread evenly over the epoch, groups
@@ -12,13 +12,11 @@ Micro-batches. A step consumes a fixed number of rows: `batch_size` rows per pro
 Position p of the epoch belongs to rank p % world_size, so the data position of a run is simply the number
 of rows of the epoch consumed so far, whatever the packing and the bad rows. Micro-batch k of a rank is built
 (in a DataLoader worker) from its rows, skipping bad ones, then packed into rows of at most `max_seq_len`
-tokens: input_ids / labels / position_ids [R, T] with R <= batch_size rows and T the longest packed row.
+tokens: input_ids / labels / position_ids [R, T] with R <= the number of documents and T the longest packed row.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import random
 import signal
@@ -27,54 +25,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jinja2 import TemplateError
 
-from .tokenizer import EMPTY_THINK, IMAGE_MARKER, IMAGE_TOKEN, expand_image_markers, render_chat
-from .vision import load_image
+from .chat_encoder import IGNORE
+from .config import IMAGE_TOKEN_ID
+from .samples import BadSample, Sample, SampleBuilder, decode_record, record_fields
 
 JSONL_BLOCK = 1024  # lines per jsonl chunk
-IGNORE = -100
-# Reasons a row is skipped; reported in the log and the run summary.
-BAD_REASONS = {
-    "missing_field": "the text / conversations field is missing or null",
-    "invalid_json": "the row is not valid JSON",
-    "bad_conversation": "conversations is not a list of {role, content} messages",
-    "no_assistant_turn": "the conversation has no assistant turn",
-    "empty_text": "the pretraining text is empty",
-    "image_mismatch": "the number of <image> markers differs from the number of images",
-    "bad_image": "an image could not be decoded",
-    "image_truncated": "--max_seq_len would cut an image's placeholder tokens",
-    "answer_truncated": "--max_seq_len leaves no supervised token",
-}
-# Identity prompts occasionally prepended to SFT conversations (the reference does the same with its own list).
-SYSTEM_PROMPTS = [
-    "You are a helpful AI assistant.",
-    "You are minimind, a small but useful language model.",
-    "You are a knowledgeable assistant. Answer clearly and concisely.",
-    "You are an AI that answers questions about text and images.",
-    "You are a friendly assistant who explains things step by step.",
-    "你是一个乐于助人的AI助手。",
-    "你是minimind，一个小巧但实用的语言模型。",
-    "你是一个知识渊博的助手，请清晰简洁地回答。",
-    "你是一个能看懂图片并回答问题的AI。",
-    "你是一个友好的助手，会一步一步地解释问题。",
-]
-
-
-class BadSample(Exception):
-    """A row that cannot be trained on; `reason` is a key of BAD_REASONS."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
 class DataConfig:
-    """How rows become samples. `chat=False` is plain pretraining text; `image_token_len=0` ignores images."""
+    """How rows become documents. `kind` is text (pretraining), chat or pairs (preference data, two documents a
+    row); `image_token_len=0` ignores images."""
 
     paths: list[str]
-    chat: bool
+    kind: str
     max_seq_len: int
     image_token_len: int = 0
     add_system_ratio: float = 0.2
@@ -86,9 +51,7 @@ class DataConfig:
 
     @property
     def fields(self) -> tuple[str, ...]:
-        if not self.chat:
-            return ("text",)
-        return ("conversations", "image_bytes") if self.image_token_len else ("conversations",)
+        return record_fields(self.kind, bool(self.image_token_len))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,19 +144,6 @@ class RowReader:
         return parquet.read_row_group(chunk.locator, columns=columns).to_pylist()
 
 
-def decode_record(raw) -> dict:
-    """A parquet row (already a dict) or a jsonl line -> dict, or BadSample('invalid_json')."""
-    if isinstance(raw, dict):
-        return raw
-    try:
-        record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadSample("invalid_json") from err
-    if not isinstance(record, dict):
-        raise BadSample("invalid_json")
-    return record
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Order: one permutation per (seed, epoch), windowed
 
@@ -249,171 +199,6 @@ class EpochOrder:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Samples: rendering, tokens and labels
-
-
-@dataclass
-class Sample:
-    """One training document. ids / labels [L] int64 (labels unshifted, -100 = not supervised, the first
-    token always -100); pixels [N, 3, S, S] float32 for its N images, or None."""
-
-    ids: np.ndarray
-    labels: np.ndarray
-    pixels: np.ndarray | None = None
-
-
-def find_all(ids: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-    """Start indices of every occurrence of `pattern` in `ids` (vectorised, no Python scan)."""
-    k = len(pattern)
-    if len(ids) < k:
-        return np.empty(0, dtype=np.int64)
-    candidates = np.flatnonzero(ids[: len(ids) - k + 1] == pattern[0])
-    if k > 1 and len(candidates):
-        hits = (ids[candidates[:, None] + np.arange(1, k)] == pattern[1:]).all(axis=1)
-        candidates = candidates[hits]
-    return candidates
-
-
-def assistant_labels(ids: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """The reference label rule on ids [L]: supervise from just after each `begin` (assistant header) through
-    the end of the first following `end` (`<|im_end|>\\n`) inclusive, or to the end of the sequence."""
-    starts = find_all(ids, begin) + len(begin)
-    end_starts = find_all(ids, end)
-    following = np.searchsorted(end_starts, starts)  # the first `end` that starts at or after each start
-    stops = np.append(end_starts + len(end), len(ids))[following]
-    depth = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.add.at(depth, starts, 1)
-    np.add.at(depth, stops, -1)
-    return np.where(np.cumsum(depth[:-1]) > 0, ids, IGNORE)
-
-
-def image_list(value) -> list[bytes]:
-    """The `image_bytes` cell as a list of encoded images (binary, list of binary, or {"bytes": ...})."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
-    return [item["bytes"] if isinstance(item, dict) else item for item in items]
-
-
-class SampleBuilder:
-    """Record -> Sample, or BadSample. Randomness (system prompt, empty-think removal) comes from the `rng`
-    passed in, seeded per row, so it does not depend on workers or processes."""
-
-    def __init__(self, config: DataConfig, tokenizer, image_processor=None):
-        self.config = config
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.begin = np.array(tokenizer.encode("<|im_start|>assistant\n"), dtype=np.int64)
-        self.end = np.array(tokenizer.encode("<|im_end|>\n"), dtype=np.int64)
-        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
-    def build(self, record: dict, rng: random.Random) -> Sample:
-        return self._chat(record, rng) if self.config.chat else self._text(record)
-
-    def _text(self, record: dict) -> Sample:
-        text = record.get("text")
-        if not isinstance(text, str):
-            raise BadSample("missing_field")
-        if not text.strip():
-            raise BadSample("empty_text")
-        tokens = self.tokenizer(text, max_length=self.config.max_seq_len - 2, truncation=True).input_ids
-        tok = self.tokenizer
-        ids = np.array([tok.bos_token_id, *tokens, tok.eos_token_id], dtype=np.int64)
-        labels = np.where(ids == tok.pad_token_id, IGNORE, ids)  # the reference also masks id 0 in the text
-        labels[0] = IGNORE
-        return Sample(ids, labels)
-
-    def _chat(self, record: dict, rng: random.Random) -> Sample:
-        messages, tools = conversation(record.get("conversations"))
-        block = self.config.image_token_len
-        images = chat_images(record, messages) if block else []
-        if block:
-            for m in messages:
-                if m["role"] != "system" and isinstance(m["content"], str):
-                    m["content"] = expand_image_markers(m["content"], block)
-        if not tools and messages[0]["role"] != "system" and rng.random() < self.config.add_system_ratio:
-            messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        try:
-            text = render_chat(self.tokenizer, messages, tools=tools)
-        except (TemplateError, TypeError, ValueError) as err:  # e.g. tool calls of an unexpected shape
-            raise BadSample("bad_conversation") from err
-        if EMPTY_THINK in text and rng.random() > self.config.empty_think_ratio:
-            text = text.replace(EMPTY_THINK, "")
-        ids = np.array(self.tokenizer(text).input_ids, dtype=np.int64)
-        if block and np.count_nonzero(ids == self.image_id) != len(images) * block:
-            raise BadSample("image_mismatch")  # literal <|image_pad|> text would steal an image's slot
-        truncated = ids[: self.config.max_seq_len]
-        if block and np.count_nonzero(truncated == self.image_id) != len(images) * block:
-            raise BadSample("image_truncated")
-        labels = assistant_labels(truncated, self.begin, self.end)
-        labels[0] = IGNORE
-        if not np.any(labels != IGNORE):
-            raise BadSample("answer_truncated")
-        return Sample(truncated, labels, self._pixels(images) if images else None)
-
-    def _pixels(self, images: list[bytes]) -> np.ndarray:
-        """Encoded images -> [N, 3, size, size]; BadSample when any cannot be decoded (as `load_image` decides)."""
-        try:
-            return np.stack([self.image_processor.pixels(load_image(io.BytesIO(data))) for data in images])
-        except ValueError as err:
-            raise BadSample("bad_image") from err
-
-
-def chat_images(record: dict, messages: list[dict]) -> list[bytes]:
-    """The encoded images of a chat row, one per `<image>` marker. Rows without markers are text-only; any image
-    they carry (the reference's 8x8 placeholder) is unused. BadSample when markers and images disagree."""
-    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages
-                  if m["role"] != "system" and isinstance(m["content"], str))
-    if not markers:
-        return []
-    if "image_bytes" not in record:
-        raise BadSample("missing_field")
-    images = image_list(record["image_bytes"])
-    if markers != len(images):
-        raise BadSample("image_mismatch")
-    return images
-
-
-def conversation(value) -> tuple[list[dict], list | None]:
-    """The `conversations` cell (JSON string or list) -> (messages for the chat template, tools or None).
-
-    Messages keep role, content, reasoning_content and tool_calls (JSON strings are parsed); tools come from
-    a first system message's `tools` (LLM data) or `functions` (VLM data) key."""
-    if value is None:
-        raise BadSample("missing_field")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise BadSample("invalid_json") from err
-    if not isinstance(value, list) or not value:
-        raise BadSample("bad_conversation")
-    messages = []
-    for raw in value:
-        if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
-            raise BadSample("bad_conversation")
-        message = {"role": raw["role"], "content": raw.get("content")}
-        for key in ("reasoning_content", "tool_calls"):
-            if raw.get(key):
-                message[key] = _maybe_json(raw[key])
-        messages.append(message)
-    first = value[0]
-    tools = _maybe_json(first.get("tools") or first.get("functions")) if messages[0]["role"] == "system" else None
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadSample("no_assistant_turn")
-    return messages, tools or None
-
-
-def _maybe_json(value):
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as err:
-        raise BadSample("invalid_json") from err
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Packing
 
 
@@ -423,13 +208,17 @@ class Batch:
 
     input_ids / labels / position_ids [R, T] int64: documents are concatenated in a row, positions restart at
     0 per document, tail padding is id 0 with label -100 and position 0 (one-token documents).
+    documents [R, T] int64: the index of each token's document in the order they were read (-1: padding); a
+    preference pair is documents 2k (chosen) and 2k + 1 (rejected).
     pixel_values: None (no image in the batch) or R tensors [N_r, 3, S, S], the images of row r in reading
     order. targets: [] int64 tensor, the number of supervised positions (labels[:, 1:] != -100).
+    samples: the rows trained on (a pair is one row).
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
+    documents: torch.Tensor
     pixel_values: list[torch.Tensor] | None
     targets: torch.Tensor
     samples: int
@@ -443,8 +232,8 @@ class Batch:
 
     def _map(self, fn) -> Batch:
         pixels = None if self.pixel_values is None else [fn(p) for p in self.pixel_values]
-        return Batch(fn(self.input_ids), fn(self.labels), fn(self.position_ids), pixels, fn(self.targets),
-                     self.samples, self.real_tokens, self.rows_read, self.bad)
+        return Batch(fn(self.input_ids), fn(self.labels), fn(self.position_ids), fn(self.documents), pixels,
+                     fn(self.targets), self.samples, self.real_tokens, self.rows_read, self.bad)
 
     def pin_memory(self) -> Batch:
         return self._map(lambda t: t.pin_memory())
@@ -475,14 +264,17 @@ def assign_rows(lengths: np.ndarray, capacity: int) -> np.ndarray:
     return balanced if load.max() < capacity - room.min() else first_fit
 
 
-def pack(samples: list[Sample], max_seq_len: int, packing: bool = True, image_id: int = 12,
-         image_token_len: int = 0, pad_multiple: int = 1, rows_read: int = 0, bad: Counter | None = None) -> Batch:
-    """Samples -> Batch. With packing, documents share rows (first-fit decreasing); without, one per row.
-    An empty list gives one padding token, so every process of a distributed run can still take a step."""
+def pack(samples: list[Sample], max_seq_len: int, packing: bool = True, image_id: int = IMAGE_TOKEN_ID,
+         image_token_len: int = 0, pad_multiple: int = 1, rows_read: int = 0, bad: Counter | None = None,
+         rows_used: int | None = None) -> Batch:
+    """Documents -> Batch. With packing, documents share rows (first-fit decreasing); without, one per row.
+    `rows_used` is the number of data rows they came from (default: one per document). An empty list gives one
+    padding token, so every process of a distributed run can still take a step."""
     bad = bad if bad is not None else Counter()
     if not samples:
         zeros = torch.zeros(1, 1, dtype=torch.long)
-        return Batch(zeros, torch.full((1, 1), IGNORE), zeros.clone(), None, torch.tensor(0), 0, 0, rows_read, bad)
+        return Batch(zeros, torch.full((1, 1), IGNORE), zeros.clone(), torch.full((1, 1), -1), None,
+                     torch.tensor(0), 0, 0, rows_read, bad)
     lengths = np.array([len(s.ids) for s in samples], dtype=np.int64)
     row_of_doc = assign_rows(lengths, max_seq_len) if packing else np.arange(len(samples))
     order = np.argsort(row_of_doc, kind="stable")  # documents grouped by row, in reading order
@@ -500,6 +292,8 @@ def pack(samples: list[Sample], max_seq_len: int, packing: bool = True, image_id
     input_ids = np.zeros(shape, dtype=np.int64)
     labels = np.full(shape, IGNORE, dtype=np.int64)
     position_ids = np.zeros(shape, dtype=np.int64)
+    documents = np.full(shape, -1, dtype=np.int64)
+    documents[token_row, column] = order[token_doc]
     input_ids[token_row, column] = np.concatenate([samples[i].ids for i in order])
     labels[token_row, column] = np.concatenate([samples[i].labels for i in order])
     position_ids[token_row, column] = flat - doc_start[token_doc]
@@ -508,7 +302,8 @@ def pack(samples: list[Sample], max_seq_len: int, packing: bool = True, image_id
         _check_row_images(input_ids, pixel_values, image_id, image_token_len)
     targets = int(np.count_nonzero(labels[:, 1:] != IGNORE))
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(position_ids),
-                 pixel_values, torch.tensor(targets), len(samples), int(lengths.sum()), rows_read, bad)
+                 torch.from_numpy(documents), pixel_values, torch.tensor(targets),
+                 len(samples) if rows_used is None else rows_used, int(lengths.sum()), rows_read, bad)
 
 
 def _row_pixels(samples: list[Sample], order: np.ndarray, doc_rows: np.ndarray, num_rows: int):
@@ -532,13 +327,18 @@ def _check_row_images(input_ids: np.ndarray, pixel_values, image_id: int, block:
 # Micro-batches of one process
 
 
+def sample_builder(config: DataConfig, tokenizer, image_processor=None) -> SampleBuilder:
+    return SampleBuilder(config.kind, tokenizer, config.max_seq_len, config.image_token_len, image_processor,
+                         config.add_system_ratio, config.empty_think_ratio)
+
+
 class TrainingData:
     """Everything needed to produce micro-batches of any epoch: chunk index, sample builder, packing rules."""
 
     def __init__(self, config: DataConfig, tokenizer, image_processor=None):
         self.config = config
         self.chunks = index_chunks(config)
-        self.builder = SampleBuilder(config, tokenizer, image_processor)
+        self.builder = sample_builder(config, tokenizer, image_processor)
         self.total_rows = sum(c.rows for c in self.chunks)
 
     def epoch(self, epoch: int, start_row: int, batch_size: int, rank: int = 0, world_size: int = 1) -> MicroBatches:
@@ -572,25 +372,27 @@ class MicroBatches(torch.utils.data.Dataset):
         positions = positions[positions < self.order.total]
         samples, bad = self.samples(positions)
         config = self.data.config
-        return pack(samples, config.max_seq_len, config.packing, self.data.builder.image_id,
-                    config.image_token_len, config.pad_multiple, len(positions), bad)
+        used = len(positions) - sum(bad.values())
+        return pack(samples, config.max_seq_len, config.packing, self.data.builder.encoder.image_id,
+                    config.image_token_len, config.pad_multiple, len(positions), bad, used)
 
     def samples(self, positions: np.ndarray) -> tuple[list[Sample], Counter]:
-        """The usable samples at these (increasing) epoch positions, and the skipped rows counted by reason."""
+        """The documents of the usable rows at these (increasing) epoch positions, in order, and the skipped
+        rows counted by reason."""
         samples, bad = [], Counter()
         for position, window in zip(positions.tolist(), self.order.window_of(positions).tolist()):
             try:
-                samples.append(self._sample(position, window))
+                samples += self._documents(position, window)
             except BadSample as err:
                 bad[err.reason] += 1
         return samples, bad
 
-    def _sample(self, position: int, window: int) -> Sample:
+    def _documents(self, position: int, window: int) -> list[Sample]:
         chunk_ids, rows, loaded = self._window(window)
         offset = position - int(self.order.window_start[window])
         record = decode_record(loaded[int(chunk_ids[offset])][int(rows[offset])])
         rng = random.Random(f"{self.data.config.seed}:{self.order.epoch}:{position}")
-        return self.data.builder.build(record, rng)
+        return self.data.builder.documents(record, rng)
 
     def _window(self, w: int):
         """(chunk ids, rows, raw rows per chunk) of window w. Only the window being read stays cached: each copy

@@ -255,9 +255,9 @@ def sample_chats(args) -> list[Chat]:
 
     from . import synth
     from .generate import Engine, GenerationConfig
+    from .loading import load_pretrained_folder
     from .tokenizer import load_tokenizer
     from .vision import load_image
-    from .weights import load_pretrained_folder
 
     p = paths(args.out_dir)
     engine = Engine(load_pretrained_folder(p["hf"]).to(args.device).eval(), load_tokenizer(p["hf"]))

@@ -9,11 +9,11 @@ import argparse
 import os
 import sys
 
-from .chat import add_sampling_arguments, load_engine_or_exit, print_reply, sampling_config
+from .chat import load_engine_or_exit, print_reply
 from .generate import ChatRequest
+from .options import add_model_arguments, add_sampling_arguments, sampling_config
 from .tokenizer import IMAGE_MARKER
 from .vision import load_image
-from .weights import add_model_arguments
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".tga", ".ico")

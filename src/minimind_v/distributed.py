@@ -49,6 +49,10 @@ class Processes:
             dist.barrier(group=self.control)
 
 
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 def setup(device: str) -> Processes:
     """Join the process group when launched by torchrun (RANK set); pick the device of this process."""
     if "RANK" not in os.environ:

@@ -374,7 +374,7 @@ def evaluate(answer: Answerer, data_path: str, train_path: str | None = None, bl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .weights import add_model_arguments
+    from .options import add_model_arguments
 
     parser.add_argument("--data_path", required=True,
                         help="test parquet (`minimind-v data synth` vlm_test.parquet or a generic VQA parquet)")
@@ -397,7 +397,8 @@ def main(args) -> None:
     from tqdm import tqdm
 
     from .generate import Engine
-    from .weights import load_model_from_args
+    from .loading import load_model
+    from .options import model_options
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("eval: --batch_size and --max_new_tokens must be at least 1")
@@ -405,7 +406,7 @@ def main(args) -> None:
         raise SystemExit(f"eval: no such file: {args.data_path}")
     if args.train_path and not os.path.isfile(args.train_path):
         raise SystemExit(f"eval: no such file: {args.train_path}")
-    model, tokenizer = load_model_from_args(args)
+    model, tokenizer = load_model(**model_options(args))
     answer = engine_answerer(Engine(model, tokenizer), args.max_new_tokens, bool(args.open_thinking))
     result = evaluate(answer, args.data_path, args.train_path, args.blind, args.batch_size, args.max_samples,
                       args.predictions, progress=lambda items: tqdm(items, desc="eval", unit="q", disable=None))

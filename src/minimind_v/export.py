@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .weights import add_model_arguments, export_pretrained, load_model_from_args
+from .loading import export_pretrained, load_model
+from .lora import merge_lora
+from .options import add_model_arguments, model_options
 
 
 def add_arguments(parser) -> None:
@@ -11,8 +13,8 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    args.device = "cpu"
-    model, tokenizer = load_model_from_args(args)
+    model, tokenizer = load_model(**{**model_options(args), "device": "cpu"})
+    merge_lora(model)  # a --lora adapter is folded into the exported weights
     export_pretrained(model, args.out, tokenizer)
     print(f"exported to {args.out}; load it with AutoModelForCausalLM.from_pretrained({args.out!r}, "
           "trust_remote_code=True) or `minimind-v chat --load_from` it")

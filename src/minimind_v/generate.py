@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .chat_encoder import ChatEncoder, count_markers
 from .llm import KVCache
-from .tokenizer import IMAGE_MARKER, IMAGE_TOKEN, expand_image_markers, render_chat
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from .tokenizer import IMAGE_MARKER, THINK_CLOSE, THINK_OPEN
 
 
 @dataclass
@@ -338,36 +337,22 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
-        self.image_token_len = getattr(model.config, "image_token_len", 0)
-        self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.encoder = ChatEncoder(tokenizer, getattr(model.config, "image_token_len", 0))
         self.device = next(model.parameters()).device
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
-        """Render, expand image markers and tokenise; checks that markers and images agree."""
-        messages = [dict(m) for m in request.messages]
-        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages if isinstance(m.get("content"), str))
-        if request.images and markers == 0:
+        """The request's generation prompt through the chat encoder (as training encodes it); ValueError when
+        markers and images disagree, PromptTooLong over the limit."""
+        messages = request.messages
+        if request.images and count_markers(messages) == 0:
             last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
             if last_user is None:
                 raise ValueError("images were given but the conversation has no user message")
+            messages = [dict(m) for m in messages]
             messages[last_user]["content"] = IMAGE_MARKER * len(request.images) + "\n" + \
                 (messages[last_user].get("content") or "")
-            markers = len(request.images)
-        if markers != len(request.images):
-            raise ValueError(f"the messages have {markers} {IMAGE_MARKER} marker(s) but {len(request.images)} "
-                             "image(s) were given")
-        if request.images and not self.image_token_len:
-            raise ValueError("this model has no vision tower, so it cannot read images")
-        for m in messages:
-            if isinstance(m.get("content"), str) and m.get("role") != "system":
-                m["content"] = expand_image_markers(m["content"], self.image_token_len)
-        text = render_chat(self.tokenizer, messages, tools=request.tools, add_generation_prompt=True,
-                           open_thinking=request.open_thinking)
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if self.image_token_id is not None and ids.count(self.image_token_id) != len(request.images) * \
-                self.image_token_len:
-            raise ValueError(f"the text itself contains image placeholder tokens ({IMAGE_TOKEN}); use {IMAGE_MARKER} "
-                             "markers with images instead")
+        ids = self.encoder.encode(messages, len(request.images), request.tools, generation_prompt=True,
+                                  open_thinking=request.open_thinking).ids.tolist()
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the limit of {self.max_prompt_tokens}")
         return ids

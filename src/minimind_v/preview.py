@@ -12,7 +12,7 @@ import warnings
 
 from PIL import Image
 
-from .data import BadSample, chat_images, conversation, decode_record
+from .samples import BadSample, chat_images, conversation, decode_record
 from .vision import load_image
 
 

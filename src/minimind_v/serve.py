@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 
 from .chat import load_engine_or_exit
 from .generate import ChatRequest, Completion, Engine, GenerationConfig, PromptTooLong, StreamEvent
+from .options import add_model_arguments
 from .tokenizer import IMAGE_MARKER
 from .vision import load_image
-from .weights import add_model_arguments, run_name
+from .weights import run_name
 
 try:
     import uvicorn

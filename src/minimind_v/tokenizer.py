@@ -1,7 +1,8 @@
-"""Tokenizer and chat format: loading reference-format tokenizer folders, rendering conversations with the
-MiniMind chat template, expanding `<image>` markers, and training a new byte-level BPE tokenizer.
+"""Tokenizer and chat format: loading reference-format tokenizer folders, the MiniMind chat template and its
+delimiters, rendering conversations, expanding `<image>` markers, and training a new byte-level BPE tokenizer.
 
-Ids 0-35 are fixed special tokens in every tokenizer (id 12 is `<|image_pad|>`, the image placeholder).
+Ids 0-35 are fixed special tokens in every tokenizer (id 12 is `<|image_pad|>`, the image placeholder). Every
+delimiter of the chat format is spelled here once; `chat_encoder` turns conversations into ids with them.
 """
 
 from __future__ import annotations
@@ -12,19 +13,25 @@ from collections.abc import Iterable, Iterator
 
 from transformers import PreTrainedTokenizerFast
 
-IMAGE_MARKER = "<image>"
-IMAGE_TOKEN = "<|image_pad|>"
-EMPTY_THINK = "<think>\n\n</think>\n\n"
+from .config import IMAGE_TOKEN, IMAGE_TOKEN_ID
+
+IMAGE_MARKER = "<image>"  # where an image goes in message text; expanded to a block of IMAGE_TOKEN
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ASSISTANT_HEADER = IM_START + "assistant\n"  # the reference label rule supervises from after this ...
+TURN_END = IM_END + "\n"  # ... through this
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+OPEN_THINK = THINK_OPEN + "\n"  # a generation prompt with thinking on ends here
+EMPTY_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"  # ... with thinking off, here
 
 # Ids 0-20 are special (skipped when decoding with skip_special_tokens); 21-35 are ordinary added tokens.
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|endoftext|>", IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     IMAGE_TOKEN, "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<tts_pad>",
     "<tts_text_bos>", "<tts_text_eod>", "<tts_text_bos_single>",
 ]
 ADDED_TOKENS = [
-    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", THINK_OPEN, THINK_CLOSE,
     *(f"<|buffer{i}|>" for i in range(1, 10)),
 ]
 
@@ -80,8 +87,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
         )
     # Not AutoTokenizer: in an exported model folder it would read config.json and ask to trust remote code.
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != 12:
-        raise ValueError(f"{path!r} does not map {IMAGE_TOKEN} to id 12; it is not a MiniMind tokenizer")
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != IMAGE_TOKEN_ID:
+        raise ValueError(f"{path!r} does not map {IMAGE_TOKEN} to id {IMAGE_TOKEN_ID}; it is not a MiniMind tokenizer")
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -165,7 +172,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 6400) 
             raise RuntimeError(f"special token {token} did not get id {all_added.index(token)}")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        bos_token=IM_START, eos_token=IM_END, pad_token="<|endoftext|>", unk_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
         clean_up_tokenization_spaces=False, model_max_length=131072,
     )

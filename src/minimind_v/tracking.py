@@ -9,7 +9,7 @@ import sys
 
 from tqdm import tqdm
 
-from .data import BAD_REASONS
+from .samples import BAD_REASONS
 
 LOGGERS = ("none", "wandb", "swanlab", "tensorboard")
 
@@ -19,6 +19,11 @@ def reference_line(epoch: int, epochs: int, step: int, iters: int, loss: float, 
     """The reference trainer's log line (loss is CE + aux)."""
     return (f"Epoch:[{epoch + 1}/{epochs}]({step}/{iters}), loss: {loss:.4f}, logits_loss: {loss - aux_loss:.4f}, "
             f"aux_loss: {aux_loss:.4f}, lr: {lr:.8f}, epoch_time: {remaining_min:.1f}min")
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """An objective's own metrics for the log line (empty when it has none)."""
+    return "".join(f", {name}: {value:.4f}" for name, value in metrics.items())
 
 
 class Progress:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .chat import add_sampling_arguments, load_engine
+from .chat import load_engine
 from .generate import ChatRequest, Engine, GenerationConfig
+from .options import add_model_arguments, add_sampling_arguments
 from .tokenizer import IMAGE_MARKER
 from .vision import load_image
-from .weights import add_model_arguments
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 try:

@@ -1,0 +1,70 @@
+"""Direct preference optimisation (Rafailov et al., 2023) as the reference `train_dpo.py` computes it:
+
+    loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))
+
+per preference pair, where pi and ref are the summed log-probabilities of a conversation's supervised (assistant)
+tokens under the policy and under the frozen reference model. A batch holds each pair as documents 2k (chosen)
+and 2k + 1 (rejected), packed like any other documents (the reference pads both to max_seq_len).
+
+The reference model is a frozen copy of the starting weights, or, for a LoRA run, the policy itself with its
+adapters switched off (no second copy in memory). Its log-probabilities are computed once per pair per step,
+without gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..chat_encoder import IGNORE
+from ..data import Batch
+from ..lora import adapters_disabled
+from ..weights import unwrap
+from .base import Output, forward
+
+
+def document_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Summed log-probability of each document's supervised tokens: logits [R, T, V] -> [2 * pairs] float32."""
+    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE).flatten()  # position t predicts token t + 1
+    documents = F.pad(batch.documents[:, 1:], (0, 1), value=-1).flatten()
+    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE, reduction="none")
+    supervised = targets != IGNORE
+    sums = torch.zeros(2 * batch.samples, dtype=torch.float32, device=logits.device)
+    return sums.index_add(0, torch.where(supervised, documents, 0), torch.where(supervised, token_logps, 0.0))
+
+
+class DPO:
+    metrics = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
+
+    def __init__(self, packing: bool, vision: bool, beta: float = 0.15, reference=None):
+        """`reference`: the frozen reference model, or None to use the policy with its LoRA adapters off."""
+        self.packing, self.vision, self.beta, self.reference = packing, vision, beta, reference
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return torch.full((), batch.samples, dtype=torch.long, device=batch.input_ids.device)
+
+    def __call__(self, model, batch: Batch) -> Output:
+        out = forward(model, batch, self.packing, self.vision)
+        policy = document_logps(out.logits, batch)
+        with torch.no_grad():
+            reference = document_logps(self._reference_logits(model, batch), batch)
+        chosen_reward = self.beta * (policy[0::2] - reference[0::2])
+        rejected_reward = self.beta * (policy[1::2] - reference[1::2])
+        losses = -F.logsigmoid(chosen_reward - rejected_reward)
+        metrics = {
+            "reward_accuracy": (chosen_reward > rejected_reward).float().sum(),
+            "reward_margin": (chosen_reward - rejected_reward).detach().sum(),
+            "chosen_logp": policy[0::2].detach().sum(), "rejected_logp": policy[1::2].detach().sum(),
+        }
+        return Output(losses.sum(), out.aux_loss, metrics)
+
+    def _reference_logits(self, model, batch: Batch) -> torch.Tensor:
+        if self.reference is not None:
+            return forward(self.reference, batch, self.packing, self.vision).logits
+        policy = unwrap(model)  # outside DDP and compile: no gradient, nothing to synchronise
+        policy.eval()
+        try:
+            with adapters_disabled(policy):
+                return forward(policy, batch, self.packing, self.vision).logits
+        finally:
+            policy.train()

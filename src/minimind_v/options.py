@@ -1,0 +1,67 @@
+"""Command-line flags shared by several commands, each defined once, and their translation into the keyword
+arguments of the library functions (which never see an argparse Namespace)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .distributed import default_device
+from .generate import GenerationConfig
+from .weights import DEFAULT_TOWER
+
+MODEL_OPTIONS = ("load_from", "save_dir", "weight", "hidden_size", "num_hidden_layers", "use_moe", "vision_model",
+                 "tokenizer", "lora", "device")
+
+
+def add_shape_arguments(group) -> None:
+    """The decoder shape of native weights (reference flags)."""
+    group.add_argument("--hidden_size", type=int, default=768)
+    group.add_argument("--num_hidden_layers", type=int, default=8)
+    group.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, weight: str = "sft_vlm") -> None:
+    """Flags that pick a trained model: native `.pth` weights (reference flags) or a transformers folder, and an
+    optional LoRA adapter on top."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--load_from", default=None,
+                       help="a transformers folder (from `minimind-v export` or the demo); "
+                            "when given, --save_dir/--weight/--hidden_size/--num_hidden_layers/--use_moe are ignored")
+    group.add_argument("--save_dir", default="out", help="folder of native .pth weights")
+    group.add_argument("--weight", default=weight, help="weight prefix: {save_dir}/{weight}_{hidden}[_moe].pth")
+    add_shape_arguments(group)
+    group.add_argument("--vision_model", default=None,
+                       help=f"SigLIP tower folder or hub id, random:<shape>, or none (default: the tower stored in the "
+                            f"--load_from folder, else the tower trained with the weights, "
+                            f"{{save_dir}}/{{weight}}_{{hidden}}[_moe]_vision, else {DEFAULT_TOWER})")
+    group.add_argument("--tokenizer", default="model",
+                       help="tokenizer folder (a --load_from folder with its own tokenizer takes precedence)")
+    group.add_argument("--lora", default=None,
+                       help="apply a LoRA adapter without merging it: a folder written by training with "
+                            "--lora_rank (PEFT format) or a reference {lora_name}_{hidden}.pth")
+    group.add_argument("--device", default=default_device())
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The `loading.load_model` keyword arguments of `add_model_arguments` flags."""
+    return {name: getattr(args, name) for name in MODEL_OPTIONS}
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.7, top_p: float = 0.85,
+                           max_new_tokens: int = 512) -> None:
+    """Sampling flags (reference `eval_vlm.py` defaults) and the prompt length limit."""
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    group.add_argument("--temperature", type=float, default=temperature, help="0 decodes greedily")
+    group.add_argument("--top_p", type=float, default=top_p)
+    group.add_argument("--top_k", type=int, default=50, help="0 disables top-k filtering")
+    group.add_argument("--repetition_penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=None, help="fix the sampling for reproducible replies")
+    group.add_argument("--open_thinking", type=int, default=0, choices=[0, 1], help="start with reasoning on")
+    group.add_argument("--max_seq_len", type=int, default=8192, help="longest prompt, in tokens")
+    group.add_argument("--show_speed", type=int, default=1, choices=[0, 1], help="print tokens/s after replies")
+
+
+def sampling_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)

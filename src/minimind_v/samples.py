@@ -1,0 +1,243 @@
+"""Training documents from data rows: pretraining text, chat conversations and preference pairs, rendered and
+labelled as the reference does (chats and pairs through the one `ChatEncoder`), with bad rows refused by reason.
+
+Row formats (reference schemas):
+    text   `text`
+    chat   `conversations` (JSON string or list of messages), `image_bytes` (binary, list of binary or
+           {"bytes": ...}) for VLM rows with `<image>` markers
+    pairs  `chosen` and `rejected` (each a conversation ending with the assistant's answer), `image_bytes`
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from .chat_encoder import IGNORE, ChatEncoder, EncodingError, count_markers
+from .vision import load_image
+
+# Reasons a row is skipped; reported in the log and the run summary.
+BAD_REASONS = {
+    "missing_field": "the text / conversations field is missing or null",
+    "invalid_json": "the row is not valid JSON",
+    "bad_conversation": "conversations is not a list of {role, content} messages",
+    "no_assistant_turn": "the conversation has no assistant turn",
+    "empty_text": "the pretraining text is empty",
+    "image_mismatch": "the number of <image> markers differs from the number of images",
+    "bad_image": "an image could not be decoded",
+    "image_truncated": "--max_seq_len would cut an image's placeholder tokens",
+    "answer_truncated": "--max_seq_len leaves no supervised token",
+    "prompt_mismatch": "a preference pair's chosen and rejected conversations differ before their last answer",
+}
+# Identity prompts occasionally prepended to SFT conversations (the reference does the same with its own list).
+SYSTEM_PROMPTS = [
+    "You are a helpful AI assistant.",
+    "You are minimind, a small but useful language model.",
+    "You are a knowledgeable assistant. Answer clearly and concisely.",
+    "You are an AI that answers questions about text and images.",
+    "You are a friendly assistant who explains things step by step.",
+    "你是一个乐于助人的AI助手。",
+    "你是minimind，一个小巧但实用的语言模型。",
+    "你是一个知识渊博的助手，请清晰简洁地回答。",
+    "你是一个能看懂图片并回答问题的AI。",
+    "你是一个友好的助手，会一步一步地解释问题。",
+]
+KINDS = ("text", "chat", "pairs")
+
+
+class BadSample(Exception):
+    """A row that cannot be trained on; `reason` is a key of BAD_REASONS."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    """One training document. ids / labels [L] int64 (labels unshifted, -100 = not supervised, the first
+    token always -100); pixels [N, 3, S, S] float32 for its N images, or None."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    pixels: np.ndarray | None = None
+
+
+def record_fields(kind: str, images: bool) -> tuple[str, ...]:
+    """The columns a row of this kind is read from; the first one is required."""
+    fields = {"text": ("text",), "chat": ("conversations",), "pairs": ("chosen", "rejected")}[kind]
+    return fields + ("image_bytes",) if images and kind != "text" else fields
+
+
+def decode_record(raw) -> dict:
+    """A parquet row (already a dict) or a jsonl line -> dict, or BadSample('invalid_json')."""
+    if isinstance(raw, dict):
+        return raw
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadSample("invalid_json") from err
+    if not isinstance(record, dict):
+        raise BadSample("invalid_json")
+    return record
+
+
+def image_list(value) -> list[bytes]:
+    """The `image_bytes` cell as a list of encoded images (binary, list of binary, or {"bytes": ...})."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [item["bytes"] if isinstance(item, dict) else item for item in items]
+
+
+def chat_images(record: dict, messages: list[dict]) -> list[bytes]:
+    """The encoded images of a chat row, one per `<image>` marker. Rows without markers are text-only; any image
+    they carry (the reference's 8x8 placeholder) is unused. BadSample when markers and images disagree."""
+    markers = count_markers(messages)
+    if not markers:
+        return []
+    if "image_bytes" not in record:
+        raise BadSample("missing_field")
+    images = image_list(record["image_bytes"])
+    if markers != len(images):
+        raise BadSample("image_mismatch")
+    return images
+
+
+def conversation(value) -> tuple[list[dict], list | None]:
+    """A `conversations` cell (JSON string or list) -> (messages for the chat template, tools or None).
+
+    Messages keep role, content, reasoning_content (text) and tool_calls (a JSON string is parsed); tools come
+    from a first system message's `tools` (LLM data) or `functions` (VLM data) key."""
+    if value is None:
+        raise BadSample("missing_field")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise BadSample("invalid_json") from err
+    if not isinstance(value, list) or not value:
+        raise BadSample("bad_conversation")
+    messages = []
+    for raw in value:
+        if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
+            raise BadSample("bad_conversation")
+        message = {"role": raw["role"], "content": raw.get("content")}
+        if raw.get("reasoning_content"):
+            message["reasoning_content"] = raw["reasoning_content"]
+        if raw.get("tool_calls"):
+            message["tool_calls"] = _maybe_json(raw["tool_calls"])
+        messages.append(message)
+    first = value[0]
+    tools = _maybe_json(first.get("tools") or first.get("functions")) if messages[0]["role"] == "system" else None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadSample("no_assistant_turn")
+    return messages, tools or None
+
+
+def _maybe_json(value):
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise BadSample("invalid_json") from err
+
+
+class SampleBuilder:
+    """Record -> training documents, or BadSample. Randomness (system prompt, empty-think removal) comes from
+    the `rng` passed in, seeded per row, so it does not depend on workers or processes.
+
+    kind "text" and "chat" give one document per row; "pairs" gives two, the chosen then the rejected
+    conversation, with the same system prompt and think-block choice so that their prompts stay identical."""
+
+    def __init__(self, kind: str, tokenizer, max_seq_len: int, image_token_len: int = 0, image_processor=None,
+                 add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2):
+        if kind not in KINDS:
+            raise ValueError(f"unknown sample kind {kind!r}; choose one of {KINDS}")
+        self.kind, self.tokenizer, self.max_seq_len = kind, tokenizer, max_seq_len
+        self.image_processor = image_processor
+        self.add_system_ratio, self.empty_think_ratio = add_system_ratio, empty_think_ratio
+        self.encoder = ChatEncoder(tokenizer, image_token_len)
+
+    def documents(self, record: dict, rng: random.Random) -> list[Sample]:
+        if self.kind == "pairs":
+            return list(self.build_pair(record, rng))
+        return [self.build(record, rng)]
+
+    def build(self, record: dict, rng: random.Random) -> Sample:
+        """One document of a text or chat row."""
+        if self.kind == "text":
+            return self._text(record)
+        messages, tools = conversation(record.get("conversations"))
+        images = chat_images(record, messages) if self.encoder.image_token_len else []
+        system, drop_think = self._augmentations(messages, tools, rng)
+        ids, labels = self._encode(system + messages, tools, len(images), drop_think)
+        return Sample(ids, labels, self._pixels(images))
+
+    def build_pair(self, record: dict, rng: random.Random) -> tuple[Sample, Sample]:
+        """(chosen, rejected) documents of a preference row."""
+        chosen, tools = conversation(record.get("chosen"))
+        rejected, rejected_tools = conversation(record.get("rejected"))
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise BadSample("no_assistant_turn")
+        if chosen[:-1] != rejected[:-1] or tools != rejected_tools:
+            raise BadSample("prompt_mismatch")
+        images = chat_images(record, chosen[:-1]) if self.encoder.image_token_len else []
+        if count_markers(chosen[-1:]) or count_markers(rejected[-1:]):
+            raise BadSample("image_mismatch")  # an answer cannot show an image
+        system, drop_think = self._augmentations(chosen, tools, rng)
+        encoded = [self._encode(system + messages, tools, len(images), drop_think) for messages in (chosen, rejected)]
+        pixels = self._pixels(images)
+        return tuple(Sample(ids, labels, pixels) for ids, labels in encoded)
+
+    def _augmentations(self, messages: list[dict], tools, rng: random.Random) -> tuple[list[dict], bool]:
+        """The reference's random system prompt (none with tools or an own system message) and empty-think
+        removal; both draws are made for every row, so the stream of a row does not depend on its content."""
+        add_system = rng.random() < self.add_system_ratio
+        prompt = rng.choice(SYSTEM_PROMPTS)
+        drop_think = rng.random() > self.empty_think_ratio
+        system = [{"role": "system", "content": prompt}] if add_system and not tools and \
+            messages[0]["role"] != "system" else []
+        return system, drop_think
+
+    def _text(self, record: dict) -> Sample:
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise BadSample("missing_field")
+        if not text.strip():
+            raise BadSample("empty_text")
+        tokens = self.tokenizer(text, max_length=self.max_seq_len - 2, truncation=True).input_ids
+        tok = self.tokenizer
+        ids = np.array([tok.bos_token_id, *tokens, tok.eos_token_id], dtype=np.int64)
+        labels = np.where(ids == tok.pad_token_id, IGNORE, ids)  # the reference also masks id 0 in the text
+        labels[0] = IGNORE
+        return Sample(ids, labels)
+
+    def _encode(self, messages: list[dict], tools, images: int, drop_think: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, labels) cut to max_seq_len; BadSample when the cut splits an image or leaves nothing to learn."""
+        try:
+            encoded = self.encoder.encode(messages, images, tools, drop_empty_think=drop_think)
+        except EncodingError as err:
+            raise BadSample(err.reason) from err
+        ids, labels = encoded.ids[: self.max_seq_len], encoded.labels[: self.max_seq_len]
+        block = self.encoder.image_token_len
+        if block and np.count_nonzero(ids == self.encoder.image_id) != images * block:
+            raise BadSample("image_truncated")
+        if not np.any(labels != IGNORE):
+            raise BadSample("answer_truncated")
+        return ids, labels
+
+    def _pixels(self, images: list[bytes]) -> np.ndarray | None:
+        """Encoded images -> [N, 3, size, size] (None without images); BadSample when any cannot be decoded (as
+        `load_image` decides)."""
+        if not images:
+            return None
+        try:
+            return np.stack([self.image_processor.pixels(load_image(io.BytesIO(data))) for data in images])
+        except ValueError as err:
+            raise BadSample("bad_image") from err
