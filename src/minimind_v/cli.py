@@ -7,10 +7,11 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). "data" holds nested commands.
+# name -> (module, one-line help). "data" and "lora" hold nested commands.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("minimind_v.demo", "train a VLM from zero on synthetic data, offline, and show that it sees"),
-    "train": ("minimind_v.train", "train a stage: llm-pretrain, llm-sft, vlm-pretrain or vlm-sft"),
+    "train": ("minimind_v.train", "train a stage: llm-pretrain, llm-sft, llm-dpo, vlm-pretrain, vlm-sft or vlm-dpo "
+                                  "(any of them with LoRA adapters)"),
     "train-tokenizer": ("minimind_v.tokenizer", "train a byte-level BPE tokenizer with the MiniMind tokens"),
     "eval": ("minimind_v.evaluate", "held-out exact-match evaluation (synthetic or generic VQA parquet)"),
     "chat": ("minimind_v.chat", "interactive multi-turn chat with images"),
@@ -20,9 +21,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("minimind_v.export", "write a self-contained transformers folder from native weights"),
     "plot": ("minimind_v.plot", "loss curves of a training run as a PNG"),
 }
-DATA_COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("minimind_v.synth", "generate a synthetic image question-answer parquet"),
-    "preview": ("minimind_v.preview", "PNG grid of the first image/text pairs of a parquet"),
+GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "data": ("dataset tools: synth, preview", {
+        "synth": ("minimind_v.synth", "generate a synthetic image question-answer parquet"),
+        "preview": ("minimind_v.preview", "PNG grid of the first image/text pairs of a parquet"),
+    }),
+    "lora": ("LoRA adapters: merge", {
+        "merge": ("minimind_v.lora_merge", "fold a LoRA adapter into its base: reference .pth and/or transformers "
+                                           "folder"),
+    }),
 }
 
 
@@ -40,10 +47,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         _add(commands, name, module, help_text, argv)
-    data = commands.add_parser("data", help="dataset tools: synth, preview")
-    data_commands = data.add_subparsers(title="data commands", metavar="DATA_COMMAND")
-    for name, (module, help_text) in DATA_COMMANDS.items():
-        _add(data_commands, name, module, help_text, argv)
+    for group, (group_help, members) in GROUPS.items():
+        nested = commands.add_parser(group, help=group_help).add_subparsers(
+            title=f"{group} commands", metavar=f"{group.upper()}_COMMAND")
+        for name, (module, help_text) in members.items():
+            _add(nested, name, module, help_text, argv)
     return parser
 
 

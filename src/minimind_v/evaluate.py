@@ -14,6 +14,9 @@ Accepted columns (see docs/synthetic_data.md):
   choices    `options` (a list or a JSON list) or columns `A`, `B`, `C`, ...: multiple choice; the options
              are listed in the prompt and the chosen letter is scored; `hint` is prepended when present
   type       `question_type`, else `category`, else everything is one type, "all"
+  pairs      `chosen` and `rejected` (preference data, as `minimind-v data synth --files vlm_dpo_test` writes):
+             `preference` in eval.json gives the mean log-probability margin of the chosen over the rejected
+             answer and how often it is positive (a file with only these columns is scored this way alone)
 """
 
 from __future__ import annotations
@@ -370,6 +373,69 @@ def evaluate(answer: Answerer, data_path: str, train_path: str | None = None, bl
     return result
 
 
+# ---------------------------------------------------------------------------------------------- preferences
+
+
+def preference_scores(model, tokenizer, path: str, batch_size: int = 16, max_samples: int | None = None) -> dict:
+    """How strongly the model prefers each pair's chosen answer: the summed log-probability of the chosen
+    conversation's answer tokens minus the rejected one's, averaged over pairs (`margin`), and the fraction of
+    pairs where it is positive (`accuracy`). Rows the trainer would skip are skipped and counted by reason."""
+    import random
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from .data import pack
+    from .objectives.base import forward
+    from .objectives.dpo import document_logps
+    from .samples import BadSample, SampleBuilder
+
+    vision = getattr(model, "vision_encoder", None) is not None
+    block = model.config.image_token_len if vision else 0
+    builder = SampleBuilder("pairs", tokenizer, max_seq_len=model.config.max_position_embeddings,
+                            image_token_len=block, image_processor=model.image_processor if vision else None,
+                            add_system_ratio=0.0, empty_think_ratio=1.0)
+    device = next(model.parameters()).device
+    margins, skipped = [], Counter()
+
+    def score(documents: list) -> None:
+        batch = pack(documents, builder.max_seq_len, packing=False, image_token_len=block,
+                     rows_used=len(documents) // 2).to(device)
+        with torch.no_grad():
+            logps = document_logps(forward(model, batch, packing=False, vision=vision).logits, batch)
+        margins.extend((logps[0::2] - logps[1::2]).tolist())
+
+    parquet = pq.ParquetFile(path)
+    columns = [c for c in ("chosen", "rejected", "image_bytes") if c in parquet.schema_arrow.names]
+    documents, read = [], 0
+    for rows in parquet.iter_batches(columns=columns, batch_size=256):
+        for record in rows.to_pylist():
+            if max_samples is not None and read >= max_samples:
+                break
+            read += 1
+            try:
+                documents += builder.build_pair(record, random.Random(0))
+            except BadSample as err:
+                skipped[err.reason] += 1
+            if len(documents) >= 2 * batch_size:
+                score(documents)
+                documents = []
+    if documents:
+        score(documents)
+    if not margins:
+        raise ValueError(f"{path}: no preference pair could be read ({dict(skipped)})")
+    return {"n": len(margins), "margin": round(sum(margins) / len(margins), 4),
+            "accuracy": round(sum(m > 0 for m in margins) / len(margins), 4), "skipped": dict(skipped)}
+
+
+def has_pairs(path: str) -> tuple[bool, bool]:
+    """(has preference pairs, has questions) of a parquet file."""
+    import pyarrow.parquet as pq
+
+    names = pq.ParquetFile(path).schema_arrow.names
+    return {"chosen", "rejected"} <= set(names), "question" in names or "conversations" in names
+
+
 # ---------------------------------------------------------------------------------------------- command
 
 
@@ -407,17 +473,27 @@ def main(args) -> None:
     if args.train_path and not os.path.isfile(args.train_path):
         raise SystemExit(f"eval: no such file: {args.train_path}")
     model, tokenizer = load_model(**model_options(args))
-    answer = engine_answerer(Engine(model, tokenizer), args.max_new_tokens, bool(args.open_thinking))
-    result = evaluate(answer, args.data_path, args.train_path, args.blind, args.batch_size, args.max_samples,
-                      args.predictions, progress=lambda items: tqdm(items, desc="eval", unit="q", disable=None))
-    result.update(max_new_tokens=args.max_new_tokens, open_thinking=bool(args.open_thinking))
-    if result["skipped_rows"]:
-        print(f"warning: skipped {result['skipped_rows']} unreadable rows: {result['skipped_reasons']}")
+    pairs, questions = has_pairs(args.data_path)
+    result = {}
+    if questions:
+        answer = engine_answerer(Engine(model, tokenizer), args.max_new_tokens, bool(args.open_thinking))
+        result = evaluate(answer, args.data_path, args.train_path, args.blind, args.batch_size, args.max_samples,
+                          args.predictions, progress=lambda items: tqdm(items, desc="eval", unit="q", disable=None))
+        result.update(max_new_tokens=args.max_new_tokens, open_thinking=bool(args.open_thinking))
+        if result["skipped_rows"]:
+            print(f"warning: skipped {result['skipped_rows']} unreadable rows: {result['skipped_reasons']}")
+    if pairs:
+        result["preference"] = preference_scores(model, tokenizer, args.data_path, args.batch_size, args.max_samples)
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, ensure_ascii=False, indent=2)
-    print(format_table(result))
+    if questions:
+        print(format_table(result))
+    if pairs:
+        preference = result["preference"]
+        print(f"preference pairs {preference['n']}: mean log-prob margin chosen - rejected {preference['margin']:.3f}, "
+              f"chosen preferred {100 * preference['accuracy']:.1f}%")
     print(f"wrote {args.out}")
 
 

@@ -315,8 +315,7 @@ class Loop:
             "padding_efficiency": state.real_tokens / max(state.processed_tokens, 1),
             "final_loss": self.final_loss, "nonfinite_steps": state.nonfinite_steps, "bad_rows": state.bad,
             "bad_fraction": sum(state.bad.values()) / max(state.rows_read, 1), "weights": trainer.weights_path,
-            "vision_tower": trainer.vision_dir if trainer.stage.vision and trainer.model.vision_trainable
-            and not trainer.adapted else None,
+            "vision_tower": trainer.vision_dir if trainer.writes_tower else None,
         }
         if trainer.processes.is_main:
             print(format_summary(summary), flush=True)

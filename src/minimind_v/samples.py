@@ -22,7 +22,7 @@ from .vision import load_image
 
 # Reasons a row is skipped; reported in the log and the run summary.
 BAD_REASONS = {
-    "missing_field": "the text / conversations field is missing or null",
+    "missing_field": "the text / conversations / chosen / rejected field is missing or null",
     "invalid_json": "the row is not valid JSON",
     "bad_conversation": "conversations is not a list of {role, content} messages",
     "no_assistant_turn": "the conversation has no assistant turn",

@@ -66,8 +66,11 @@ CAPTION_PROMPTS = {
     "en": ("Describe the image.", "What is in the picture?", "Describe the shapes in this image."),
     "zh": ("描述这张图片。", "图片里有什么？", "请描述图中的形状。"),
 }
-FILES = ("llm_pretrain", "llm_sft", "vlm_pretrain", "vlm_sft", "vlm_test")
+# New files go at the end: a row's random stream is seeded by its file's index here.
+FILES = ("llm_pretrain", "llm_sft", "vlm_pretrain", "vlm_sft", "vlm_test", "llm_dpo", "vlm_dpo", "vlm_dpo_test")
+DEFAULT_FILES = FILES[:5]  # the preference files are written on request (--files)
 FILE_NAMES = {file: file + (".jsonl" if file.startswith("llm_") else ".parquet") for file in FILES}
+HELD_OUT_FILES = ("vlm_test", "vlm_dpo_test")
 INFO_FILE = "synth_info.json"
 
 
@@ -318,6 +321,39 @@ def caption(shapes: tuple[Shape, ...], lang: str) -> str:
     return f"{count} shape{'s' if len(shapes) > 1 else ''}. " + ". ".join(slots) + "."
 
 
+def _english(answer: str, lang: str) -> str:
+    if lang != "zh":
+        return answer
+    if answer in ZH_NUMBERS:
+        return EN_NUMBERS[ZH_NUMBERS.index(answer)]
+    return {zh: en for en, zh in ZH.items()}.get(answer, {"有": "yes", "没有": "no"}.get(answer, answer))
+
+
+def wrong_answer(rng: np.random.Generator, shapes: tuple[Shape, ...], question_type: str, answer: str, lang: str,
+                 config: SynthConfig) -> str:
+    """A plausible wrong answer to a question about `shapes` whose right answer is `answer`: from the same answer
+    set, preferring what the scene shows elsewhere (another shape's colour, kind or place), else any other value;
+    the other yes / no and the other side of a relation; a count one off."""
+    right = _english(answer, lang)
+    if question_type == "count":
+        count = EN_NUMBERS.index(right) + 1
+        options = [n for n in (count - 1, count + 1) if 1 <= n <= len(EN_NUMBERS)]
+        wrong_count = _pick(rng, options)
+        return (ZH_NUMBERS if lang == "zh" else EN_NUMBERS)[wrong_count - 1]
+    if question_type == "presence":
+        return YES_NO[lang][1 if right == "yes" else 0]
+    if question_type == "relation":
+        opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}[right]
+        return say(opposite, lang)
+    values = {"colour": (config.colours, [s.colour for s in shapes]), "shape": (config.kinds, [s.kind for s in shapes]),
+              "position": (POSITIONS, [POSITIONS[s.cell] for s in shapes])}
+    if question_type not in values:
+        raise ValueError(f"unknown question type {question_type!r}; choose from {QUESTION_TYPES}")
+    every, shown = values[question_type]
+    in_scene = [v for v in shown if v != right]
+    return say(_pick(rng, in_scene or [v for v in every if v != right]), lang)
+
+
 def ask_several(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str, question_types: Iterable[str],
                 config: SynthConfig) -> list[tuple[str, str, str]]:
     """[(question_type, question, answer)] about one scene, one question per type."""
@@ -361,10 +397,10 @@ def _image_message(text: str) -> dict:
 def draw_row(config: SynthConfig, file: str, index: int) -> tuple[np.random.Generator, str, tuple[Shape, ...], list]:
     """Row `index` of a VLM file before rendering: (its random stream, language, shapes, asked) where asked is
     [(question_type, question, answer)]: a caption for vlm_pretrain, `turns` questions for vlm_sft, one for
-    vlm_test."""
+    vlm_test and the preference files (vlm_test and vlm_dpo_test draw held-out layouts)."""
     rng = _row_rng(config, file, index)
-    turns = {"vlm_pretrain": 0, "vlm_sft": config.turns, "vlm_test": 1}[file]
-    lang, shapes, question_types = _scene(rng, config, file == "vlm_test", turns)
+    turns = {"vlm_pretrain": 0, "vlm_sft": config.turns, "vlm_test": 1, "vlm_dpo": 1, "vlm_dpo_test": 1}[file]
+    lang, shapes, question_types = _scene(rng, config, file in HELD_OUT_FILES, turns)
     if file == "vlm_pretrain":
         asked = [("caption", _pick(rng, CAPTION_PROMPTS[lang]), caption(shapes, lang))]
     else:
@@ -394,14 +430,38 @@ def vlm_row(config: SynthConfig, file: str, index: int) -> dict:
     }
 
 
+def preference_row(config: SynthConfig, file: str, index: int) -> dict:
+    """One preference row about a scene: `chosen` and `rejected` conversations (JSON, reference DPO format) that
+    ask the same question and answer it rightly and with a plausible wrong answer (`wrong_answer`); the image and
+    the vlm_test columns too, so `minimind-v eval` scores the file both ways."""
+    rng, lang, shapes, asked = draw_row(config, file, index)
+    (question_type, question, answer), = asked
+    wrong = wrong_answer(rng, shapes, question_type, answer, lang, config)
+    image = encode_image(render(shapes, rng, config), config.image_format)
+    prompt = [_image_message(question)]
+    return {
+        "chosen": json.dumps(prompt + [{"role": "assistant", "content": answer}], ensure_ascii=False),
+        "rejected": json.dumps(prompt + [{"role": "assistant", "content": wrong}], ensure_ascii=False),
+        "image_bytes": image, "question": question, "answer": answer, "rejected_answer": wrong,
+        "question_type": question_type, "lang": lang, "scene": _scene_json(shapes),
+    }
+
+
 def text_record(config: SynthConfig, file: str, index: int) -> dict:
-    """A text-only record about a described scene: `text` for llm_pretrain, `conversations` for llm_sft."""
+    """A text-only record about a described scene: `text` for llm_pretrain, `conversations` for llm_sft, `chosen`
+    and `rejected` (one question, rightly and wrongly answered) for llm_dpo."""
     rng = _row_rng(config, file, index)
-    lang, shapes, question_types = _scene(rng, config, False, config.turns)
+    lang, shapes, question_types = _scene(rng, config, False, 1 if file == "llm_dpo" else config.turns)
     description = caption(shapes, lang)
     asked = ask_several(rng, shapes, lang, question_types, config)
     if file == "llm_pretrain":
         return {"text": "\n".join([description] + [f"{q} {a}" for _, q, a in asked])}
+    if file == "llm_dpo":
+        (question_type, question, answer), = asked
+        wrong = wrong_answer(rng, shapes, question_type, answer, lang, config)
+        prompt = [{"role": "user", "content": f"{description}\n{question}"}]
+        return {"chosen": prompt + [{"role": "assistant", "content": answer}],
+                "rejected": prompt + [{"role": "assistant", "content": wrong}]}
     messages = []
     for turn, (_, question, answer) in enumerate(asked):
         content = f"{description}\n{question}" if turn == 0 else question
@@ -410,7 +470,14 @@ def text_record(config: SynthConfig, file: str, index: int) -> dict:
 
 
 def parquet_schema(file: str) -> pa.Schema:
-    """The reference columns (`conversations`, `image_bytes`) first, then evaluation metadata."""
+    """The reference columns (`conversations`, `image_bytes`; `chosen`, `rejected`, `image_bytes` for preference
+    files) first, then evaluation metadata."""
+    if file in ("vlm_dpo", "vlm_dpo_test"):
+        return pa.schema([
+            ("chosen", pa.string()), ("rejected", pa.string()), ("image_bytes", pa.binary()), ("question", pa.string()),
+            ("answer", pa.string()), ("rejected_answer", pa.string()), ("question_type", pa.string()),
+            ("lang", pa.string()), ("scene", pa.string()),
+        ])
     text = pa.list_(pa.string()) if file == "vlm_sft" else pa.string()
     return pa.schema([
         ("conversations", pa.string()), ("image_bytes", pa.binary()), ("question", text), ("answer", text),
@@ -475,7 +542,8 @@ def generate(config: SynthConfig, out_dir: str, rows: dict[str, int], row_group_
     for file, count in rows.items():
         path = os.path.join(out_dir, FILE_NAMES[file])
         text = file.startswith("llm_")
-        records: Iterator = ((text_record if text else vlm_row)(config, file, i) for i in range(count))
+        make = text_record if text else preference_row if file in ("vlm_dpo", "vlm_dpo_test") else vlm_row
+        records: Iterator = (make(config, file, i) for i in range(count))
         if progress is not None:
             records = progress(records, file, count)
         if text:
@@ -494,7 +562,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows of vlm_pretrain.parquet (captions); default: --train_rows")
     parser.add_argument("--text_rows", type=int, default=None,
                         help="lines of llm_pretrain.jsonl and of llm_sft.jsonl; default: --train_rows")
-    parser.add_argument("--files", nargs="+", choices=FILES, default=list(FILES), help="which files to write")
+    parser.add_argument("--dpo_rows", type=int, default=None,
+                        help="rows of the preference files llm_dpo.jsonl and vlm_dpo.parquet (default: --train_rows); "
+                             "vlm_dpo_test.parquet (held-out layouts) has --test_rows")
+    parser.add_argument("--files", nargs="+", choices=FILES, default=list(DEFAULT_FILES),
+                        help="which files to write (default: all but the preference files llm_dpo, vlm_dpo, "
+                             "vlm_dpo_test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lang", choices=["en", "zh", "both"], default="both",
                         help="language of questions and answers; both = a random language per row")
@@ -534,7 +607,7 @@ def _check(args) -> None:
         raise SystemExit(f"data synth: --texture is a probability in [0, 1] (got {args.texture})")
     if args.noise < 0 or args.row_group_size < 1:
         raise SystemExit("data synth: --noise must be >= 0 and --row_group_size >= 1")
-    counts = (args.train_rows, args.test_rows, args.pretrain_rows or 0, args.text_rows or 0)
+    counts = (args.train_rows, args.test_rows, args.pretrain_rows or 0, args.text_rows or 0, args.dpo_rows or 0)
     if min(counts) < 0:
         raise SystemExit("data synth: row counts must not be negative")
 
@@ -549,8 +622,9 @@ def main(args) -> None:
                          asked_types=tuple(dict.fromkeys(args.question_types)))
     pretrain = args.train_rows if args.pretrain_rows is None else args.pretrain_rows
     text = args.train_rows if args.text_rows is None else args.text_rows
+    dpo = args.train_rows if args.dpo_rows is None else args.dpo_rows
     counts = {"llm_pretrain": text, "llm_sft": text, "vlm_pretrain": pretrain, "vlm_sft": args.train_rows,
-              "vlm_test": args.test_rows}
+              "vlm_test": args.test_rows, "llm_dpo": dpo, "vlm_dpo": dpo, "vlm_dpo_test": args.test_rows}
     rows = {file: counts[file] for file in FILES if file in args.files}
     start = time.perf_counter()
     bar = lambda records, file, count: tqdm(records, total=count, desc=file, unit="row", leave=False, disable=None)

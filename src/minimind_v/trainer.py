@@ -92,6 +92,8 @@ class Trainer:
         self._check_flags()
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.random_tower = False
+        self.tower_source: str | None = None  # --vision_model as resolved, for VLM stages
+        self.tower_written = False
         self.model = self._build_model()
         self.adapted = self._freeze_or_adapt()
         self.data = self._load_data()
@@ -139,7 +141,7 @@ class Trainer:
         config, stage = self.config, self.stage
         torch.manual_seed(config.seed)
         if stage.vision:
-            vision = self._vision_source()
+            vision = self.tower_source = self._vision_source()
             try:
                 model_config = vlm_config(vision, config.hidden_size, config.num_hidden_layers, config.use_moe,
                                           len(self.tokenizer), initializer_range=config.initializer_range)
@@ -232,7 +234,8 @@ class Trainer:
         if self.processes.world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False,
-                find_unused_parameters=bool(self.config.train_vision),  # text-only batches skip the tower
+                # text-only batches skip the tower: its trainable weights (or adapters) get no gradient then
+                find_unused_parameters=self.stage.vision and self.model.vision_trainable,
             )
         return torch.compile(model) if self.config.use_compile else model
 
@@ -259,6 +262,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving and resuming
 
+    @property
+    def writes_tower(self) -> bool:
+        """Whether the weights need a tower folder next to them: every tower but the default one (a trained
+        tower, a random one, or one from another folder; a frozen one is written once per process)."""
+        return self.stage.vision and not self.adapted and (self.model.vision_trainable or
+                                                           self.tower_source != DEFAULT_TOWER)
+
     def _model_shape(self) -> dict:
         config = self.config
         return {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
@@ -276,8 +286,9 @@ class Trainer:
                 save_adapter(self.model, self.weights_path, base_model=base)
             else:
                 save_native(self.model, self.weights_path)
-            if self.stage.vision and self.model.vision_trainable and not self.adapted:
+            if self.writes_tower and (self.model.vision_trainable or not self.tower_written):
                 save_vision_tower(self.model, self.vision_dir)
+                self.tower_written = True
             save_resume(self.resume_file, {
                 "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},

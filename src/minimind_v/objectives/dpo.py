@@ -62,9 +62,10 @@ class DPO:
         if self.reference is not None:
             return forward(self.reference, batch, self.packing, self.vision).logits
         policy = unwrap(model)  # outside DDP and compile: no gradient, nothing to synchronise
+        training = policy.training
         policy.eval()
         try:
             with adapters_disabled(policy):
                 return forward(policy, batch, self.packing, self.vision).logits
         finally:
-            policy.train()
+            policy.train(training)

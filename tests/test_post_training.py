@@ -1,0 +1,223 @@
+"""Post-training from the command line, at tiny size on the synthetic task: the chain synth -> tokenizer ->
+llm-pretrain -> vlm-pretrain -> vlm-sft -> vlm-dpo (and llm-dpo), LoRA runs on a frozen base, `lora merge`,
+`--lora` at inference, and exact resume of DPO and LoRA runs after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minimind_v import cli, distributed
+from minimind_v.checkpoint import load_resume
+from minimind_v.evaluate import engine_answerer, evaluate, preference_scores
+from minimind_v.generate import Engine
+from minimind_v.loading import load_model, load_pretrained_folder
+from minimind_v.loop import Loop, StopRequest
+from minimind_v.lora import adapters, merge_lora
+from minimind_v.train_config import TrainConfig
+from minimind_v.trainer import Trainer
+from minimind_v.weights import native_state_dict
+from test_train import subprocess_train
+
+pytestmark = pytest.mark.slow
+
+SHAPE = ["--hidden_size", "64", "--num_hidden_layers", "2"]
+COMMON = [*SHAPE, "--batch_size", "16", "--log_interval", "10", "--num_workers", "0", "--device", "cpu",
+          "--num_threads", "2", "--add_system_ratio", "0", "--empty_think_ratio", "1", "--epochs", "100",
+          "--save_interval", "1000", "--max_seq_len", "128", "--initializer_range", "0.069"]
+
+
+def train_argv(folder: Path, stage: str, *flags: str) -> list[str]:
+    return ["train", stage, "--tokenizer", str(folder / "tok"), "--out_dir", str(folder / "out"), "--checkpoint_dir",
+            str(folder / "ckpt"), "--log_dir", str(folder / "runs"), *COMMON, *flags]
+
+
+def data(folder: Path, name: str) -> str:
+    return str(folder / "data" / name)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A 64x2 VLM trained from zero for a minute: below majority on the held-out questions, a base to improve."""
+    folder = tmp_path_factory.mktemp("post")
+    cli.main(["data", "synth", "--out_dir", str(folder / "data"), "--train_rows", "1000", "--test_rows", "200",
+              "--lang", "en", "--files", "llm_pretrain", "vlm_pretrain", "vlm_sft", "vlm_test", "llm_dpo", "vlm_dpo",
+              "vlm_dpo_test"])
+    cli.main(["train-tokenizer", "--data_path", data(folder, "llm_pretrain.jsonl"), "--out_dir", str(folder / "tok"),
+              "--vocab_size", "400"])
+    cli.main(train_argv(folder, "llm-pretrain", "--data_path", data(folder, "llm_pretrain.jsonl"), "--from_weight",
+                        "none", "--learning_rate", "3e-3", "--max_steps", "40"))
+    vision = ["--train_vision", "1", "--freeze_llm", "0", "--learning_rate", "3e-3"]
+    cli.main(train_argv(folder, "vlm-pretrain", "--data_path", data(folder, "vlm_pretrain.parquet"), "--from_weight",
+                        "pretrain", "--vision_model", "random:small", "--max_steps", "80", *vision))
+    cli.main(train_argv(folder, "vlm-sft", "--data_path", data(folder, "vlm_sft.parquet"), "--max_steps", "120",
+                        *vision))
+    return folder
+
+
+def model(folder: Path, weight: str, lora: Path | None = None):
+    return load_model(save_dir=str(folder / "out"), weight=weight, hidden_size=64, num_hidden_layers=2,
+                      tokenizer=str(folder / "tok"), lora=str(lora) if lora else None)
+
+
+def accuracy(folder: Path, weight: str, lora: Path | None = None) -> float:
+    loaded, tokenizer = model(folder, weight, lora)
+    return evaluate(engine_answerer(Engine(loaded, tokenizer)), data(folder, "vlm_test.parquet"))["accuracy"]
+
+
+def metrics(folder: Path, run: str, logs: str = "runs") -> list[dict]:
+    return [json.loads(line) for line in (folder / logs / run / "metrics.jsonl").open()]
+
+
+def test_vlm_dpo_raises_the_held_out_preference_margin(chain):
+    before = preference_scores(*model(chain, "sft_vlm"), data(chain, "vlm_dpo_test.parquet"))
+    cli.main(train_argv(chain, "vlm-dpo", "--data_path", data(chain, "vlm_dpo.parquet"), "--learning_rate", "3e-4",
+                        "--beta", "0.1", "--max_steps", "100"))
+    after = preference_scores(*model(chain, "dpo_vlm"), data(chain, "vlm_dpo_test.parquet"))
+    assert after["n"] == before["n"] == 200 and after["margin"] > before["margin"] + 0.1
+    logged = metrics(chain, "dpo_vlm_64")
+    assert [m["step"] for m in logged] == list(range(10, 101, 10))
+    assert all(0 <= m["reward_accuracy"] <= 1 and "reward_margin" in m and m["chosen_logp"] < 0 for m in logged)
+    assert (chain / "out" / "dpo_vlm_64_vision").is_dir()  # the frozen trained tower goes with the weights
+
+
+def test_llm_dpo_trains_on_the_reference_jsonl_format(chain):
+    cli.main(train_argv(chain, "llm-dpo", "--data_path", data(chain, "llm_dpo.jsonl"), "--from_weight", "pretrain",
+                        "--learning_rate", "1e-4", "--max_steps", "3", "--log_interval", "1"))
+    summary = json.loads((chain / "runs" / "dpo_64" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["samples"] == 48 and summary["weights"].endswith("dpo_64.pth")
+
+
+def test_lora_teaches_a_frozen_base_to_answer(chain):
+    base = chain / "out" / "pretrain_vlm_64.pth"
+    base_bytes = base.read_bytes()
+    cli.main(train_argv(chain, "vlm-sft", "--data_path", data(chain, "vlm_sft.parquet"), "--from_weight",
+                        "pretrain_vlm", "--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "1e-2",
+                        "--max_steps", "150", "--lora_name", "lora_answers"))
+    adapter = chain / "out" / "lora_answers_64"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    losses = [m["loss"] for m in metrics(chain, "lora_answers_64")]
+    assert losses[-1] < 0.6 * losses[0]
+    assert base.read_bytes() == base_bytes
+    resume = load_resume(str(chain / "ckpt" / "lora_answers_64_resume.pth"))
+    assert resume["model"] and all(".lora." in k for k in resume["model"])
+    assert accuracy(chain, "pretrain_vlm", adapter) >= accuracy(chain, "pretrain_vlm") + 0.15
+
+
+def test_a_lora_run_changes_no_base_weight(chain):
+    config = TrainConfig(stage="vlm-sft", data_path=[data(chain, "vlm_sft.parquet")], tokenizer=str(chain / "tok"),
+                         hidden_size=64, num_hidden_layers=2, out_dir=str(chain / "out"),
+                         checkpoint_dir=str(chain / "ckpt"), log_dir=str(chain / "runs"), device="cpu",
+                         from_weight="sft_vlm", num_workers=0, batch_size=8, max_steps=3, max_seq_len=128, lora_rank=4,
+                         lora_targets=["attention", "mlp", "projector", "vision"], lora_name="lora_frozen",
+                         learning_rate=1e-2).resolved()
+    trainer = Trainer(config, distributed.setup("cpu"))
+    Loop(trainer, StopRequest()).run()
+    saved = torch.load(chain / "out" / "sft_vlm_64.pth", weights_only=True)
+    assert all(torch.equal(value, saved[key]) for key, value in native_state_dict(trainer.model).items())
+    tower = load_file(chain / "out" / "sft_vlm_64_vision" / "model.safetensors")
+    assert all(torch.equal(trainer.model.vision_encoder.state_dict()[k], v) for k, v in tower.items())
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for lora in adapters(trainer.model).values() for p in lora.parameters()}
+    assert all(torch.count_nonzero(lora.B.weight) for lora in adapters(trainer.model).values())
+
+
+def test_lora_merge_and_lora_at_inference(chain, tmp_path):
+    adapter = chain / "out" / "lora_answers_64"
+    flags = ["--save_dir", str(chain / "out"), "--weight", "pretrain_vlm", *SHAPE, "--tokenizer", str(chain / "tok"),
+             "--device", "cpu", "--lora", str(adapter)]
+    cli.main(["lora", "merge", *flags, "--out_weight", "answers", "--out", str(tmp_path / "hf")])
+    unmerged, tokenizer = model(chain, "pretrain_vlm", adapter)
+    ids = torch.tensor([tokenizer("<|im_start|>user\n" + "<|image_pad|>" * 16 + "\nHow many?<|im_end|>\n").input_ids])
+    pixels = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = unmerged(ids, pixel_values=pixels).logits
+        from_folder = load_pretrained_folder(str(tmp_path / "hf")).eval()(ids, pixel_values=pixels).logits
+        native = model(chain, "answers")[0](ids, pixel_values=pixels).logits  # fp16 weights, the tower beside them
+    assert ((from_folder - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert ((native - expected).abs().max() / expected.abs().max()).item() < 1e-2
+    merge_lora(unmerged)
+    assert not adapters(unmerged)
+    chat = subprocess.run([sys.executable, "-m", "minimind_v", "chat", *flags, "--temperature", "0",
+                           "--max_new_tokens", "8", "--show_speed", "0"], input="How many shapes are there?\n",
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": torch.zeros(4, 32),
+                "model.layers.0.self_attn.q_proj.lora.B.weight": torch.zeros(64, 4)}, tmp_path / "narrow.pth")
+    with pytest.raises(SystemExit, match=r"does not fit this model: model\.layers\.0\.self_attn\.q_proj\.lora: "
+                                         r"A \(4, 32\) and B \(64, 4\) do not fit a layer of 64 -> 64 features"):
+        cli.main(["lora", "merge", *flags[:-1], str(tmp_path / "narrow.pth"), "--out", str(tmp_path / "never")])
+
+
+def resumed_run(chain: Path, stage: str, name: str, out: str, output: str, *flags: str) -> None:
+    """Run `stage` straight (logs and resume state in out/straight), then killed mid-run and resumed (in
+    out/killed): the resume states and the written `output` (weights or adapters) must be bit-identical."""
+    folders = {run: chain / out / run for run in ("straight", "killed")}
+    argv = lambda run, *extra: ["train", stage, "--tokenizer", str(chain / "tok"), "--out_dir", str(chain / "out"),
+                                "--checkpoint_dir", str(folders[run]), "--log_dir", str(folders[run]), *COMMON,
+                                "--batch_size", "4", "--max_steps", "10", "--save_interval", "1", "--num_workers",
+                                "1", "--log_interval", "1", *flags, *extra]
+    cli.main(argv("straight"))
+    straight = load_resume(str(folders["straight"] / f"{name}_64_resume.pth"))
+    written = written_tensors(chain / "out" / output)
+    killed = subprocess_train(argv("killed"))
+    progress = folders["killed"] / f"{name}_64" / "metrics.jsonl"
+    while killed.poll() is None and (not progress.exists() or len(progress.read_text().splitlines()) < 4):
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, killed.communicate()[0]
+    assert 0 < load_resume(str(folders["killed"] / f"{name}_64_resume.pth"))["counters"]["global_step"] < 10
+    cli.main(argv("killed", "--from_resume", "1"))
+    resumed = load_resume(str(folders["killed"] / f"{name}_64_resume.pth"))
+    assert resumed["counters"] == straight["counters"] and resumed["model"].keys() == straight["model"].keys()
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    again = written_tensors(chain / "out" / output)
+    assert again.keys() == written.keys() and all(torch.equal(written[k], again[k]) for k in written)
+
+
+def written_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        return load_file(path / "adapter_model.safetensors")
+    return torch.load(path, weights_only=True)
+
+
+def test_sigkill_during_a_dpo_run_resumes_to_bit_identical_weights(chain):
+    resumed_run(chain, "vlm-dpo", "dpo_killed", "dpo_resume", "dpo_killed_64.pth", "--data_path",
+                data(chain, "vlm_dpo.parquet"),
+                "--save_weight", "dpo_killed", "--learning_rate", "1e-4")
+
+
+def test_sigkill_during_a_lora_run_resumes_to_bit_identical_adapters(chain):
+    resumed_run(chain, "vlm-sft", "lora_killed", "lora_resume", "lora_killed_64", "--data_path",
+                data(chain, "vlm_sft.parquet"), "--from_weight", "sft_vlm",
+                "--lora_rank", "4", "--lora_name", "lora_killed", "--learning_rate", "1e-3")
+
+
+def test_two_process_lora_dpo_matches_one_process_at_the_same_global_batch(chain):
+    """DDP with adapters on a frozen base and the base (adapters off) as DPO's reference model."""
+    def argv(run: str, batch: str) -> list[str]:
+        return ["train", "vlm-dpo", "--tokenizer", str(chain / "tok"), "--out_dir", str(chain / "out"),
+                "--checkpoint_dir", str(chain / run), "--log_dir", str(chain / run), *COMMON, "--data_path",
+                data(chain, "vlm_dpo.parquet"), "--lora_rank", "4", "--lora_name", f"lora_{run}", "--batch_size",
+                batch, "--max_steps", "3", "--log_interval", "1", "--learning_rate", "1e-3", "--num_threads", "1"]
+
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "minimind_v")
+    ddp = subprocess_train(argv("ddp", "4"), launcher=torchrun)
+    output = ddp.communicate(timeout=300)[0]
+    assert ddp.returncode == 0, output
+    cli.main(argv("one", "8"))
+    two, one = (load_resume(str(chain / run / f"lora_{run}_64_resume.pth")) for run in ("ddp", "one"))
+    assert two["world_size"] == 2 and two["counters"]["samples"] == one["counters"]["samples"] == 24
+    losses = [[m["loss"] for m in metrics(chain / run, f"lora_{run}_64", "")] for run in ("ddp", "one")]
+    assert len(losses[0]) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(*losses))
+    assert one["model"].keys() == two["model"].keys()
+    for key, value in one["model"].items():
+        assert torch.allclose(two["model"][key], value, atol=1e-4, rtol=0), key
