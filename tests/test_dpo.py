@@ -46,9 +46,10 @@ def builder(tokenizer, processor, max_seq_len: int = 300):
     return sample_builder(config, tokenizer, processor)
 
 
-def reference_dpo_loss(policy, reference, documents, beta: float) -> torch.Tensor:
+def reference_dpo_loss(policy, reference, documents, beta: float, rpo_alpha: float = 0.0) -> torch.Tensor:
     """The reference `train_dpo.py`: every sequence padded to one length, x = ids[:-1], y = ids[1:], the loss
-    mask shifted the same way, chosen then rejected halves, summed log-probabilities."""
+    mask shifted the same way, chosen then rejected halves, summed log-probabilities; plus, for RPO, the chosen
+    sequences' mean token NLL times rpo_alpha."""
     length = max(len(d.ids) for d in documents)
     ids = torch.zeros(len(documents), length, dtype=torch.long)
     mask = torch.zeros(len(documents), length)
@@ -67,19 +68,21 @@ def reference_dpo_loss(policy, reference, documents, beta: float) -> torch.Tenso
     policy_sums, reference_sums = sums(policy), sums(reference)
     half = len(documents) // 2
     logits = (policy_sums[:half] - policy_sums[half:]) - (reference_sums[:half] - reference_sums[half:])
-    return -F.logsigmoid(beta * logits).mean()
+    chosen_nll = -policy_sums[:half] / mask[:half].sum(dim=1)
+    return (-F.logsigmoid(beta * logits) + rpo_alpha * chosen_nll).mean()
 
 
-def test_packed_dpo_loss_equals_the_reference_padded_computation(lively_vlm, tiny_tokenizer):
+@pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])
+def test_packed_dpo_loss_equals_the_reference_padded_computation(lively_vlm, tiny_tokenizer, rpo_alpha):
     pairs = builder(tiny_tokenizer, lively_vlm.image_processor)
     documents = [d for record in RECORDS for d in pairs.build_pair(record, random.Random(0))]
     reference = liven(copy.deepcopy(lively_vlm), seed=5)
     batch = pack(documents, 300, image_token_len=64, rows_used=len(RECORDS))
     assert batch.input_ids.shape[0] < len(documents)  # several documents share a row
-    dpo = make_objective("dpo", packing=True, vision=True, beta=0.15, reference=reference)
+    dpo = make_objective("dpo", packing=True, vision=True, beta=0.15, rpo_alpha=rpo_alpha, reference=reference)
     with torch.no_grad():
         out = dpo(lively_vlm, batch)
-        expected = reference_dpo_loss(lively_vlm, reference, documents, beta=0.15)
+        expected = reference_dpo_loss(lively_vlm, reference, documents, beta=0.15, rpo_alpha=rpo_alpha)
     assert int(dpo.count(batch)) == len(RECORDS)
     assert (out.loss / len(RECORDS)).item() == pytest.approx(expected.item(), rel=1e-5)
     assert 0 <= out.metrics["reward_accuracy"].item() <= len(RECORDS)

@@ -28,9 +28,10 @@ def read_rows(path, **kwargs) -> list[dict]:
 
 
 def test_same_arguments_give_identical_files_and_another_seed_does_not(tmp_path):
-    run_synth(tmp_path / "a", "--seed", "3")
-    run_synth(tmp_path / "b", "--seed", "3")
-    run_synth(tmp_path / "c", "--seed", "4")
+    every_file = ["--files", *synth.FILES, "--dpo_rows", "20"]
+    run_synth(tmp_path / "a", "--seed", "3", *every_file)
+    run_synth(tmp_path / "b", "--seed", "3", *every_file)
+    run_synth(tmp_path / "c", "--seed", "4", *every_file)
     for name in [*synth.FILE_NAMES.values(), "synth_info.json"]:
         first = (tmp_path / "a" / name).read_bytes()
         assert first == (tmp_path / "b" / name).read_bytes(), name

@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     objective = parser.add_argument_group("objective")
     objective.add_argument("--beta", type=float, default=d["beta"],
                            help="DPO: strength of the preference against the reference model")
+    objective.add_argument("--rpo_alpha", type=float, default=d["rpo_alpha"],
+                           help="DPO: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: the "
+                                "reference's plain DPO)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int)
     optim.add_argument("--batch_size", type=int, help="samples (DPO: pairs) per micro-batch per process")

@@ -79,6 +79,7 @@ class TrainConfig:
     lora_name: str | None = None
     # objective
     beta: float = 0.15
+    rpo_alpha: float = 0.0
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None

@@ -226,7 +226,7 @@ class Trainer:
                 tower = getattr(self.model, "vision_encoder", None)
                 shared = {id(tower): tower} if tower is not None and not config.train_vision else {}
                 reference = copy.deepcopy(self.model, memo=shared).requires_grad_(False).eval()
-            options = {"beta": config.beta, "reference": reference}
+            options = {"beta": config.beta, "rpo_alpha": config.rpo_alpha, "reference": reference}
         return make_objective(self.stage.objective, packing=bool(config.packing), vision=self.stage.vision, **options)
 
     def _wrap(self):

@@ -6,6 +6,11 @@ per preference pair, where pi and ref are the summed log-probabilities of a conv
 tokens under the policy and under the frozen reference model. A batch holds each pair as documents 2k (chosen)
 and 2k + 1 (rejected), packed like any other documents (the reference pads both to max_seq_len).
 
+`rpo_alpha` > 0 adds the chosen answer's negative log-likelihood per token, times rpo_alpha, to each pair's loss
+(RPO: Pang et al., 2024; TRL's `rpo_alpha`). Plain DPO also lowers the probability of what follows a rejected
+answer, `<|im_end|>` included, and a small model can then forget to stop; the NLL term holds the chosen answer,
+its end included, in place. 0 (the default) is the reference's plain DPO.
+
 The reference model is a frozen copy of the starting weights, or, for a LoRA run, the policy itself with its
 adapters switched off (no second copy in memory). Its log-probabilities are computed once per pair per step,
 without gradients.
@@ -33,12 +38,21 @@ def document_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return sums.index_add(0, torch.where(supervised, documents, 0), torch.where(supervised, token_logps, 0.0))
 
 
+def document_lengths(batch: Batch) -> torch.Tensor:
+    """Supervised tokens of each document (those `document_logps` sums): [2 * pairs] float32."""
+    supervised = (batch.labels[:, 1:] != IGNORE).flatten()
+    documents = batch.documents[:, 1:].flatten()
+    counts = torch.zeros(2 * batch.samples, dtype=torch.float32, device=batch.labels.device)
+    return counts.index_add(0, torch.where(supervised, documents, 0), supervised.float())
+
+
 class DPO:
     metrics = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
 
-    def __init__(self, packing: bool, vision: bool, beta: float = 0.15, reference=None):
+    def __init__(self, packing: bool, vision: bool, beta: float = 0.15, rpo_alpha: float = 0.0, reference=None):
         """`reference`: the frozen reference model, or None to use the policy with its LoRA adapters off."""
-        self.packing, self.vision, self.beta, self.reference = packing, vision, beta, reference
+        self.packing, self.vision, self.beta, self.rpo_alpha = packing, vision, beta, rpo_alpha
+        self.reference = reference
 
     def count(self, batch: Batch) -> torch.Tensor:
         return torch.full((), batch.samples, dtype=torch.long, device=batch.input_ids.device)
@@ -51,6 +65,8 @@ class DPO:
         chosen_reward = self.beta * (policy[0::2] - reference[0::2])
         rejected_reward = self.beta * (policy[1::2] - reference[1::2])
         losses = -F.logsigmoid(chosen_reward - rejected_reward)
+        if self.rpo_alpha:
+            losses = losses - self.rpo_alpha * policy[0::2] / document_lengths(batch)[0::2].clamp(min=1)
         metrics = {
             "reward_accuracy": (chosen_reward > rejected_reward).float().sum(),
             "reward_margin": (chosen_reward - rejected_reward).detach().sum(),
