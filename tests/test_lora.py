@@ -78,6 +78,25 @@ def test_merged_and_unmerged_logits_agree_and_a_disabled_adapter_is_the_base():
     assert ((merged - unmerged).abs().max() / unmerged.abs().max()).item() < 1e-5
 
 
+def test_moe_experts_take_adapters_in_both_modes():
+    torch.manual_seed(0)
+    model = liven(MiniMindVLM(preset_config("tiny", use_moe=True, vocab_size=600, hidden_size=64)).eval())
+    experts = target_names(model, ["mlp"])
+    assert len(experts) == 2 * 4 * 3 and all(".mlp.experts." in name for name in experts)  # never the router
+    add_lora(model, experts, rank=4)
+    randomise_adapters(model)
+    ids, _ = inputs(model)
+    for training in (True, False):  # training adds the aux loss and keeps idle experts in the graph
+        model.train(training)
+        with torch.no_grad(), adapters_disabled(model):
+            base = model(ids).logits
+        with torch.no_grad():
+            assert (model(ids).logits - base).abs().max() > 1e-2
+    unmerged = logits(model)
+    merge_lora(model)
+    assert ((logits(model) - unmerged).abs().max() / unmerged.abs().max()).item() < 1e-5
+
+
 def test_reference_adapter_file_gives_the_reference_outputs(tmp_path):
     """The reference format: `{module}.lora.A/B.weight` in fp16 on every square linear layer, rank 16, no
     scaling, applied as `layer(x) + B(A(x))` by a patched forward."""
