@@ -17,6 +17,7 @@ from minimind_v.chat import load_image
 from minimind_v.config import preset_config
 from minimind_v.generate import ChatRequest, GenerationConfig
 from minimind_v.loading import export_pretrained
+from minimind_v.lora import adapters, add_lora, save_adapter, target_names
 from minimind_v.vlm import MiniMindVLM
 from minimind_v.weights import save_native
 
@@ -70,6 +71,18 @@ def test_native_weights_load_from_the_dropdown(tmp_path, tiny_vlm, tiny_tokenize
     for key, value in tiny_vlm.state_dict().items():
         if not key.startswith("vision_encoder."):
             assert torch.equal(loaded[key], value.half().float()), key
+
+
+def test_an_adapter_given_with_lora_applies_to_the_model_picked(tmp_path, tiny_vlm, tiny_tokenizer):
+    save_native(tiny_vlm, str(tmp_path / "out" / "sft_vlm_64.pth"))
+    tiny_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    add_lora(tiny_vlm, target_names(tiny_vlm, ["attention"]), rank=4)
+    save_adapter(tiny_vlm, str(tmp_path / "lora_x_64"))
+    args = webui_args("--models_dir", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tokenizer"),
+                      "--vision_model", "random:tiny", "--lora", str(tmp_path / "lora_x_64"))
+    host = webui.ModelHost(args, webui.find_models(args.models_dir))
+    assert "with the adapter" in host.load("sft_vlm_64.pth")
+    assert sorted(adapters(host.engine.model)) == sorted(target_names(tiny_vlm, ["attention"]))
 
 
 def clean_speaker(model: MiniMindVLM, tokenizer) -> MiniMindVLM:

@@ -99,7 +99,8 @@ class ModelHost:
             except (OSError, ValueError, RuntimeError) as err:
                 self.engine = None
                 return f"**Could not load {label}:** {err}"
-        return f"Loaded **{label}** on {self.args.device}."
+        adapter = f" with the adapter `{self.args.lora}`" if self.args.lora else ""
+        return f"Loaded **{label}**{adapter} on {self.args.device}."
 
     def no_model_message(self) -> str:
         return (f"**No model found in `{os.path.abspath(self.args.models_dir)}`.** Put a model folder there "
