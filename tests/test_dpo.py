@@ -125,3 +125,22 @@ def test_a_lora_run_compares_against_its_base_without_a_second_copy(lively_vlm, 
 def test_preference_rows_that_cannot_be_trained_on_are_refused_by_reason(record, reason, tiny_vlm, tiny_tokenizer):
     with pytest.raises(BadSample, match=reason):
         builder(tiny_tokenizer, tiny_vlm.image_processor, max_seq_len=120).build_pair(record, random.Random(0))
+
+
+def test_eval_scores_preference_pairs_whatever_their_batching(tmp_path, lively_vlm, tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from minimind_v.evaluate import preference_scores
+
+    mismatched = {**RECORDS[0], "rejected": json.dumps([{"role": "user", "content": "<image>\nWhat shape is it?"},
+                                                         {"role": "assistant", "content": "blue"}])}
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([*RECORDS, mismatched, RECORDS[1]]), path)
+    lively_vlm.eval()
+    one_by_one = preference_scores(lively_vlm, tiny_tokenizer, str(path), batch_size=1)
+    together = preference_scores(lively_vlm, tiny_tokenizer, str(path), batch_size=8)
+    assert one_by_one["n"] == together["n"] == 5 and together["skipped"] == {"prompt_mismatch": 1}
+    assert together["margin"] == pytest.approx(one_by_one["margin"], abs=1e-3)
+    assert together["margin"] != 0 and 0 <= together["accuracy"] <= 1
+    assert preference_scores(lively_vlm, tiny_tokenizer, str(path), max_samples=2)["n"] == 2

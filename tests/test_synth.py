@@ -253,3 +253,21 @@ def test_bad_arguments_are_refused(tmp_path):
         run_synth(tmp_path, "--question_types", "relation", "--max_shapes", "1")
     with pytest.raises(SystemExit, match="--kinds needs more distinct entries than --max_shapes"):
         run_synth(tmp_path, "--kinds", "circle", "square", "--max_shapes", "2")
+
+
+def test_a_rejected_answer_is_a_wrong_one_from_the_same_answer_set(tmp_path):
+    run_synth(tmp_path, "--files", "vlm_dpo", "--dpo_rows", "300")
+    rows = read_rows(tmp_path / "vlm_dpo.parquet", columns=["chosen", "rejected", "answer", "rejected_answer",
+                                                             "question_type", "lang"])
+    answers = defaultdict(set)
+    for row in rows:
+        answers[row["question_type"], row["lang"]].add(row["answer"])
+    assert {lang for _, lang in answers} == {"en", "zh"} and len(answers) == 12
+    for row in rows:
+        chosen, rejected = json.loads(row["chosen"]), json.loads(row["rejected"])
+        assert chosen[:-1] == rejected[:-1] and rejected[-1]["content"] == row["rejected_answer"]
+        assert row["rejected_answer"] != row["answer"]
+        assert row["rejected_answer"] in answers[row["question_type"], row["lang"]], row
+        if row["question_type"] == "count":
+            numbers = synth.ZH_NUMBERS if row["lang"] == "zh" else synth.EN_NUMBERS
+            assert abs(numbers.index(row["rejected_answer"]) - numbers.index(row["answer"])) == 1

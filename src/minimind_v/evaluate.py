@@ -380,6 +380,7 @@ def preference_scores(model, tokenizer, path: str, batch_size: int = 16, max_sam
     """How strongly the model prefers each pair's chosen answer: the summed log-probability of the chosen
     conversation's answer tokens minus the rejected one's, averaged over pairs (`margin`), and the fraction of
     pairs where it is positive (`accuracy`). Rows the trainer would skip are skipped and counted by reason."""
+    import itertools
     import random
 
     import pyarrow.parquet as pq
@@ -407,19 +408,16 @@ def preference_scores(model, tokenizer, path: str, batch_size: int = 16, max_sam
 
     parquet = pq.ParquetFile(path)
     columns = [c for c in ("chosen", "rejected", "image_bytes") if c in parquet.schema_arrow.names]
-    documents, read = [], 0
-    for rows in parquet.iter_batches(columns=columns, batch_size=256):
-        for record in rows.to_pylist():
-            if max_samples is not None and read >= max_samples:
-                break
-            read += 1
-            try:
-                documents += builder.build_pair(record, random.Random(0))
-            except BadSample as err:
-                skipped[err.reason] += 1
-            if len(documents) >= 2 * batch_size:
-                score(documents)
-                documents = []
+    records = (record for rows in parquet.iter_batches(columns=columns, batch_size=256) for record in rows.to_pylist())
+    rng, documents = random.Random(0), []  # with the ratios 0 and 1 above, its draws decide nothing
+    for record in itertools.islice(records, max_samples):
+        try:
+            documents += builder.build_pair(record, rng)
+        except BadSample as err:
+            skipped[err.reason] += 1
+        if len(documents) >= 2 * batch_size:
+            score(documents)
+            documents = []
     if documents:
         score(documents)
     if not margins:
@@ -428,8 +426,8 @@ def preference_scores(model, tokenizer, path: str, batch_size: int = 16, max_sam
             "accuracy": round(sum(m > 0 for m in margins) / len(margins), 4), "skipped": dict(skipped)}
 
 
-def has_pairs(path: str) -> tuple[bool, bool]:
-    """(has preference pairs, has questions) of a parquet file."""
+def scored_as(path: str) -> tuple[bool, bool]:
+    """Whether a parquet file holds (preference pairs, questions)."""
     import pyarrow.parquet as pq
 
     names = pq.ParquetFile(path).schema_arrow.names
@@ -473,7 +471,7 @@ def main(args) -> None:
     if args.train_path and not os.path.isfile(args.train_path):
         raise SystemExit(f"eval: no such file: {args.train_path}")
     model, tokenizer = load_model(**model_options(args))
-    pairs, questions = has_pairs(args.data_path)
+    pairs, questions = scored_as(args.data_path)
     result = {}
     if questions:
         answer = engine_answerer(Engine(model, tokenizer), args.max_new_tokens, bool(args.open_thinking))

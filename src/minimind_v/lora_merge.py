@@ -14,7 +14,7 @@ from .checkpoint import save_vision_tower
 from .loading import export_pretrained, load_model
 from .lora import adapters, merge_lora
 from .options import add_model_arguments, model_options
-from .weights import DEFAULT_TOWER, save_native, tower_for_weights, vision_folder, weight_path
+from .weights import needs_tower_folder, save_native, tower_for_weights, vision_folder, weight_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> None:
         save_native(model, path)
         print(f"wrote {path}")
         source_tower = args.vision_model or args.load_from or tower_for_weights(args.save_dir, args.weight, *shape)
-        if getattr(model, "vision_encoder", None) is not None and (tower_adapted or source_tower != DEFAULT_TOWER):
+        if getattr(model, "vision_encoder", None) is not None and needs_tower_folder(source_tower, tower_adapted):
             folder = vision_folder(args.save_dir, args.out_weight, *shape)
             save_vision_tower(model, folder)
             print(f"wrote its vision tower to {folder}")

@@ -71,6 +71,7 @@ FILES = ("llm_pretrain", "llm_sft", "vlm_pretrain", "vlm_sft", "vlm_test", "llm_
 DEFAULT_FILES = FILES[:5]  # the preference files are written on request (--files)
 FILE_NAMES = {file: file + (".jsonl" if file.startswith("llm_") else ".parquet") for file in FILES}
 HELD_OUT_FILES = ("vlm_test", "vlm_dpo_test")
+PREFERENCE_PARQUETS = ("vlm_dpo", "vlm_dpo_test")
 INFO_FILE = "synth_info.json"
 
 
@@ -321,37 +322,28 @@ def caption(shapes: tuple[Shape, ...], lang: str) -> str:
     return f"{count} shape{'s' if len(shapes) > 1 else ''}. " + ". ".join(slots) + "."
 
 
-def _english(answer: str, lang: str) -> str:
-    if lang != "zh":
-        return answer
-    if answer in ZH_NUMBERS:
-        return EN_NUMBERS[ZH_NUMBERS.index(answer)]
-    return {zh: en for en, zh in ZH.items()}.get(answer, {"有": "yes", "没有": "no"}.get(answer, answer))
-
-
 def wrong_answer(rng: np.random.Generator, shapes: tuple[Shape, ...], question_type: str, answer: str, lang: str,
                  config: SynthConfig) -> str:
-    """A plausible wrong answer to a question about `shapes` whose right answer is `answer`: from the same answer
-    set, preferring what the scene shows elsewhere (another shape's colour, kind or place), else any other value;
-    the other yes / no and the other side of a relation; a count one off."""
-    right = _english(answer, lang)
+    """A plausible wrong answer, in the row's language, to a question about `shapes` whose right answer is `answer`:
+    from the same answer set, preferring what the scene shows elsewhere (another shape's colour, kind or place),
+    else any other value; the other yes / no and the other side of a relation; a count one off."""
     if question_type == "count":
-        count = EN_NUMBERS.index(right) + 1
-        options = [n for n in (count - 1, count + 1) if 1 <= n <= len(EN_NUMBERS)]
-        wrong_count = _pick(rng, options)
-        return (ZH_NUMBERS if lang == "zh" else EN_NUMBERS)[wrong_count - 1]
+        numbers = ZH_NUMBERS if lang == "zh" else EN_NUMBERS
+        right = numbers.index(answer)
+        return numbers[_pick(rng, [n for n in (right - 1, right + 1) if 0 <= n < len(numbers)])]
     if question_type == "presence":
-        return YES_NO[lang][1 if right == "yes" else 0]
+        yes, no = YES_NO[lang]
+        return no if answer == yes else yes
     if question_type == "relation":
-        opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}[right]
-        return say(opposite, lang)
+        sides = {say(a, lang): say(b, lang) for a, b, *_ in RELATIONS}
+        return {**sides, **{b: a for a, b in sides.items()}}[answer]
     values = {"colour": (config.colours, [s.colour for s in shapes]), "shape": (config.kinds, [s.kind for s in shapes]),
               "position": (POSITIONS, [POSITIONS[s.cell] for s in shapes])}
     if question_type not in values:
         raise ValueError(f"unknown question type {question_type!r}; choose from {QUESTION_TYPES}")
-    every, shown = values[question_type]
-    in_scene = [v for v in shown if v != right]
-    return say(_pick(rng, in_scene or [v for v in every if v != right]), lang)
+    every, shown = ([say(v, lang) for v in words] for words in values[question_type])
+    in_scene = [v for v in shown if v != answer]
+    return _pick(rng, in_scene or [v for v in every if v != answer])
 
 
 def ask_several(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str, question_types: Iterable[str],
@@ -472,7 +464,7 @@ def text_record(config: SynthConfig, file: str, index: int) -> dict:
 def parquet_schema(file: str) -> pa.Schema:
     """The reference columns (`conversations`, `image_bytes`; `chosen`, `rejected`, `image_bytes` for preference
     files) first, then evaluation metadata."""
-    if file in ("vlm_dpo", "vlm_dpo_test"):
+    if file in PREFERENCE_PARQUETS:
         return pa.schema([
             ("chosen", pa.string()), ("rejected", pa.string()), ("image_bytes", pa.binary()), ("question", pa.string()),
             ("answer", pa.string()), ("rejected_answer", pa.string()), ("question_type", pa.string()),
@@ -542,7 +534,7 @@ def generate(config: SynthConfig, out_dir: str, rows: dict[str, int], row_group_
     for file, count in rows.items():
         path = os.path.join(out_dir, FILE_NAMES[file])
         text = file.startswith("llm_")
-        make = text_record if text else preference_row if file in ("vlm_dpo", "vlm_dpo_test") else vlm_row
+        make = text_record if text else preference_row if file in PREFERENCE_PARQUETS else vlm_row
         records: Iterator = (make(config, file, i) for i in range(count))
         if progress is not None:
             records = progress(records, file, count)

@@ -39,7 +39,16 @@ from .objectives import make_objective
 from .samples import BAD_REASONS
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
-from .weights import DEFAULT_TOWER, load_native, run_name, save_native, tower_for_weights, vision_folder, weight_path
+from .weights import (
+    DEFAULT_TOWER,
+    load_native,
+    needs_tower_folder,
+    run_name,
+    save_native,
+    tower_for_weights,
+    vision_folder,
+    weight_path,
+)
 
 
 class TrainingError(RuntimeError):
@@ -264,10 +273,9 @@ class Trainer:
 
     @property
     def writes_tower(self) -> bool:
-        """Whether the weights need a tower folder next to them: every tower but the default one (a trained
-        tower, a random one, or one from another folder; a frozen one is written once per process)."""
-        return self.stage.vision and not self.adapted and (self.model.vision_trainable or
-                                                           self.tower_source != DEFAULT_TOWER)
+        """Whether the weights need a tower folder next to them (a frozen one is written once per process)."""
+        return self.stage.vision and not self.adapted and needs_tower_folder(self.tower_source,
+                                                                             self.model.vision_trainable)
 
     def _model_shape(self) -> dict:
         config = self.config

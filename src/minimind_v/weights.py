@@ -86,6 +86,13 @@ def tower_for_weights(out_dir: str, prefix: str, hidden_size: int, use_moe: bool
     return trained if os.path.isdir(trained) else DEFAULT_TOWER
 
 
+def needs_tower_folder(source: str, changed: bool) -> bool:
+    """Whether weights must have their tower written beside them (`vision_folder`), so that `tower_for_weights`
+    finds it: when it changed (trained, adapted) or came from anywhere but the default folder (another folder, a
+    random init)."""
+    return changed or source != DEFAULT_TOWER
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DistributedDataParallel and torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):

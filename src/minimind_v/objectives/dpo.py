@@ -28,22 +28,33 @@ from ..weights import unwrap
 from .base import Output, forward
 
 
+def _next_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each position predicts, token t + 1 (IGNORE where unsupervised), and that token's document: [R * T]
+    each."""
+    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE).flatten()
+    documents = F.pad(batch.documents[:, 1:], (0, 1), value=-1).flatten()
+    return targets, documents
+
+
+def _sum_per_document(values: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor,
+                      pairs: int) -> torch.Tensor:
+    """Sum of `values` [R * T] over each document's supervised positions: [2 * pairs] float32."""
+    supervised = targets != IGNORE
+    sums = torch.zeros(2 * pairs, dtype=torch.float32, device=values.device)
+    return sums.index_add(0, torch.where(supervised, documents, 0), torch.where(supervised, values, 0.0))
+
+
 def document_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Summed log-probability of each document's supervised tokens: logits [R, T, V] -> [2 * pairs] float32."""
-    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE).flatten()  # position t predicts token t + 1
-    documents = F.pad(batch.documents[:, 1:], (0, 1), value=-1).flatten()
+    targets, documents = _next_tokens(batch)
     token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE, reduction="none")
-    supervised = targets != IGNORE
-    sums = torch.zeros(2 * batch.samples, dtype=torch.float32, device=logits.device)
-    return sums.index_add(0, torch.where(supervised, documents, 0), torch.where(supervised, token_logps, 0.0))
+    return _sum_per_document(token_logps, targets, documents, batch.samples)
 
 
 def document_lengths(batch: Batch) -> torch.Tensor:
     """Supervised tokens of each document (those `document_logps` sums): [2 * pairs] float32."""
-    supervised = (batch.labels[:, 1:] != IGNORE).flatten()
-    documents = batch.documents[:, 1:].flatten()
-    counts = torch.zeros(2 * batch.samples, dtype=torch.float32, device=batch.labels.device)
-    return counts.index_add(0, torch.where(supervised, documents, 0), supervised.float())
+    targets, documents = _next_tokens(batch)
+    return _sum_per_document(torch.ones_like(targets, dtype=torch.float32), targets, documents, batch.samples)
 
 
 class DPO:
