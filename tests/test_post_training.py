@@ -1,6 +1,7 @@
 """Post-training from the command line, at tiny size on the synthetic task: the chain synth -> tokenizer ->
-llm-pretrain -> vlm-pretrain -> vlm-sft -> vlm-dpo (and llm-dpo), LoRA runs on a frozen base, `lora merge`,
-`--lora` at inference, and exact resume of DPO and LoRA runs after SIGKILL."""
+llm-pretrain -> vlm-pretrain -> vlm-sft -> vlm-dpo (and llm-dpo), GRPO and distillation, LoRA runs on a frozen base,
+`lora merge`, `--lora` at inference, exact resume of DPO, GRPO and LoRA runs after SIGKILL, and 2-process runs equal
+to 1 process."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ from safetensors.torch import load_file
 
 from minimind_v import cli, distributed
 from minimind_v.checkpoint import load_resume
+from minimind_v.config import MiniMindConfig
 from minimind_v.evaluate import engine_answerer, evaluate, preference_scores
 from minimind_v.generate import Engine
-from minimind_v.loading import load_model, load_pretrained_folder
+from minimind_v.llm import MiniMindForCausalLM
+from minimind_v.loading import export_pretrained, load_model, load_pretrained_folder
 from minimind_v.loop import Loop, StopRequest
 from minimind_v.lora import adapters, merge_lora
+from minimind_v.tokenizer import train_tokenizer
 from minimind_v.train_config import TrainConfig
 from minimind_v.trainer import Trainer
 from minimind_v.weights import native_state_dict
@@ -50,7 +54,7 @@ def chain(tmp_path_factory):
     folder = tmp_path_factory.mktemp("post")
     cli.main(["data", "synth", "--out_dir", str(folder / "data"), "--train_rows", "1000", "--test_rows", "200",
               "--lang", "en", "--files", "llm_pretrain", "vlm_pretrain", "vlm_sft", "vlm_test", "llm_dpo", "vlm_dpo",
-              "vlm_dpo_test"])
+              "vlm_dpo_test", "vlm_rl", "llm_rl"])
     cli.main(["train-tokenizer", "--data_path", data(folder, "llm_pretrain.jsonl"), "--out_dir", str(folder / "tok"),
               "--vocab_size", "400"])
     cli.main(train_argv(folder, "llm-pretrain", "--data_path", data(folder, "llm_pretrain.jsonl"), "--from_weight",
@@ -222,3 +226,85 @@ def test_two_process_lora_dpo_matches_one_process_at_the_same_global_batch(chain
     assert one["model"].keys() == two["model"].keys()
     for key, value in one["model"].items():
         assert torch.allclose(two["model"][key], value, atol=1e-4, rtol=0), key
+
+
+GRPO = ["--num_generations", "4", "--max_gen_len", "8", "--rewards", "exact_match", "--thinking_ratio", "0"]
+
+
+def test_vlm_grpo_rewards_right_answers_and_logs_what_it_does(chain):
+    cli.main(train_argv(chain, "vlm-grpo", "--data_path", data(chain, "vlm_rl.parquet"), "--batch_size", "8", *GRPO,
+                        "--learning_rate", "3e-4", "--max_steps", "30"))
+    logged = metrics(chain, "grpo_vlm_64")
+    names = {"reward", "reward_exact_match", "zero_std_groups", "kl", "response_len", "rollout_s"}
+    assert all(names <= m.keys() for m in logged) and logged[-1]["step"] == 30
+    assert all(0 <= m["reward"] <= 1 and 0 <= m["zero_std_groups"] <= 1 and 1 <= m["response_len"] <= 8
+               for m in logged)
+    first, last = logged[0], logged[-1]
+    assert last["reward"] > first["reward"], "GRPO should raise the share of right answers on its prompts"
+    summary = json.loads((chain / "runs" / "grpo_vlm_64" / "summary.json").read_text())
+    assert summary["samples"] == 240 and summary["weights"].endswith("grpo_vlm_64.pth")
+
+
+def test_llm_grpo_reads_the_reference_rlaif_format(chain):
+    cli.main(train_argv(chain, "llm-grpo", "--data_path", data(chain, "llm_rl.jsonl"), "--from_weight", "pretrain",
+                        "--batch_size", "4", *GRPO, "--rewards", "exact_match", "format:0.5", "--max_steps", "2",
+                        "--log_interval", "1", "--learning_rate", "1e-4"))
+    logged = metrics(chain, "grpo_64")
+    assert [m["step"] for m in logged] == [1, 2] and all("reward_format" in m for m in logged)
+
+
+def test_sigkill_during_a_grpo_run_resumes_to_bit_identical_weights(chain):
+    resumed_run(chain, "vlm-grpo", "grpo_killed", "grpo_resume", "grpo_killed_64.pth", "--data_path",
+                data(chain, "vlm_rl.parquet"), "--save_weight", "grpo_killed", "--learning_rate", "1e-4", *GRPO)
+
+
+def two_process_run(chain: Path, stage: str, name: str, per_process: int, *flags: str) -> None:
+    """`stage` under torchrun with 2 processes of `per_process` rows, then 1 process of 2 x `per_process`: the logged
+    losses and the trained weights must agree to float tolerance."""
+    def argv(run: str, batch: int) -> list[str]:
+        return ["train", stage, "--tokenizer", str(chain / "tok"), "--out_dir", str(chain / "out"),
+                "--checkpoint_dir", str(chain / run), "--log_dir", str(chain / run), *COMMON, "--batch_size",
+                str(batch), "--max_steps", "3", "--log_interval", "1", "--num_threads", "1", "--save_weight",
+                f"{name}_{run}", *flags]
+
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "minimind_v")
+    ddp = subprocess_train(argv("ddp", per_process), launcher=torchrun)
+    output = ddp.communicate(timeout=300)[0]
+    assert ddp.returncode == 0, output
+    cli.main(argv("one", 2 * per_process))
+    two, one = (load_resume(str(chain / run / f"{name}_{run}_64_resume.pth")) for run in ("ddp", "one"))
+    assert two["world_size"] == 2 and two["counters"]["samples"] == one["counters"]["samples"] == 6 * per_process
+    logged = [metrics(chain / run, f"{name}_{run}_64", "") for run in ("ddp", "one")]
+    for key in ("loss", *(k for k in ("reward", "kl", "ce") if k in logged[1][0])):
+        assert all(abs(a[key] - b[key]) < 1e-4 for a, b in zip(*logged)), key
+    for key, value in one["model"].items():
+        assert torch.allclose(two["model"][key], value, atol=1e-4, rtol=0), key
+
+
+def test_two_process_grpo_matches_one_process_at_the_same_global_batch(chain):
+    """Rollouts are sharded with their prompts, advantages stay per group, answers are seeded per prompt."""
+    two_process_run(chain, "vlm-grpo", "grpo2", 2, "--data_path", data(chain, "vlm_rl.parquet"), *GRPO,
+                    "--learning_rate", "1e-3", "--freeze_llm", "1")
+
+
+def test_distillation_brings_a_smaller_student_towards_its_teacher(chain, tmp_path):
+    flags = ["--data_path", data(chain, "vlm_sft.parquet"), "--teacher", "sft_vlm", "--hidden_size", "32",
+             "--num_hidden_layers", "1", "--from_weight", "none", "--vision_model", "random:small", "--train_vision",
+             "1", "--teacher_hidden_size", "64", "--teacher_num_hidden_layers", "2", "--learning_rate", "3e-3",
+             "--max_steps", "60", "--initializer_range", "0.1"]
+    cli.main(train_argv(chain, "vlm-distill", *flags))
+    logged = metrics(chain, "dist_vlm_32")
+    assert logged[-1]["kl"] < 0.5 * logged[0]["kl"] and logged[-1]["ce"] < logged[0]["ce"]
+    with pytest.raises(SystemExit, match="no teacher weights at .*nothing_64.pth"):
+        cli.main(train_argv(chain, "vlm-distill", *flags, "--teacher", "nothing", "--max_steps", "1"))
+    other = train_tokenizer(["Other words, another vocabulary."] * 50, str(tmp_path / "tok"), vocab_size=300)
+    teacher = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1, vocab_size=len(other)))
+    export_pretrained(teacher, str(tmp_path / "teacher"), other)
+    with pytest.raises(SystemExit, match="another tokenizer than the student"):
+        cli.main(train_argv(chain, "llm-distill", "--data_path", data(chain, "llm_rl.jsonl"), "--from_weight",
+                            "pretrain", "--teacher", str(tmp_path / "teacher"), "--max_steps", "1"))
+
+
+def test_two_process_distillation_matches_one_process_at_the_same_global_batch(chain):
+    two_process_run(chain, "vlm-distill", "dist2", 4, "--data_path", data(chain, "vlm_sft.parquet"), "--teacher",
+                    "sft_vlm", "--from_weight", "pretrain_vlm", "--learning_rate", "1e-3", "--freeze_llm", "1")

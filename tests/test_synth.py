@@ -15,6 +15,7 @@ from PIL import Image
 
 from minimind_v import synth
 from minimind_v.cli import main as cli
+from minimind_v.tokenizer import render_chat
 
 SMALL = ["--train_rows", "60", "--test_rows", "40", "--pretrain_rows", "20", "--text_rows", "20"]
 
@@ -28,7 +29,7 @@ def read_rows(path, **kwargs) -> list[dict]:
 
 
 def test_same_arguments_give_identical_files_and_another_seed_does_not(tmp_path):
-    every_file = ["--files", *synth.FILES, "--dpo_rows", "20"]
+    every_file = ["--files", *synth.FILES, "--dpo_rows", "20", "--rl_rows", "20"]
     run_synth(tmp_path / "a", "--seed", "3", *every_file)
     run_synth(tmp_path / "b", "--seed", "3", *every_file)
     run_synth(tmp_path / "c", "--seed", "4", *every_file)
@@ -253,6 +254,8 @@ def test_bad_arguments_are_refused(tmp_path):
         run_synth(tmp_path, "--question_types", "relation", "--max_shapes", "1")
     with pytest.raises(SystemExit, match="--kinds needs more distinct entries than --max_shapes"):
         run_synth(tmp_path, "--kinds", "circle", "square", "--max_shapes", "2")
+    with pytest.raises(SystemExit, match="row counts must not be negative"):
+        run_synth(tmp_path, "--rl_rows", "-1")
 
 
 def test_a_rejected_answer_is_a_wrong_one_from_the_same_answer_set(tmp_path):
@@ -271,3 +274,66 @@ def test_a_rejected_answer_is_a_wrong_one_from_the_same_answer_set(tmp_path):
         if row["question_type"] == "count":
             numbers = synth.ZH_NUMBERS if row["lang"] == "zh" else synth.EN_NUMBERS
             assert abs(numbers.index(row["rejected_answer"]) - numbers.index(row["answer"])) == 1
+
+
+def test_rl_prompt_files_ask_one_verifiable_question_about_training_layouts(tmp_path):
+    """vlm_rl has vlm_test's columns on training layouts; llm_rl is the reference rlaif.jsonl prompt (ending in an
+    empty assistant message) plus the answer a GRPO reward checks."""
+    run_synth(tmp_path, "--files", "vlm_test", "vlm_rl", "llm_rl", "--rl_rows", "200")
+    assert pq.read_schema(tmp_path / "vlm_rl.parquet") == pq.read_schema(tmp_path / "vlm_test.parquet")
+    rows = read_rows(tmp_path / "vlm_rl.parquet")
+    assert len(rows) == 200 and {r["lang"] for r in rows} == {"en", "zh"}
+    for row in rows:
+        messages = json.loads(row["conversations"])
+        assert messages == [{"role": "user", "content": f"<image>\n{row['question']}"},
+                            {"role": "assistant", "content": row["answer"]}]
+        assert row["question_type"] in synth.QUESTION_TYPES
+        layout = ((s["cell"], s["kind"], s["colour"]) for s in json.loads(row["scene"]))
+        assert not synth.is_held_out(synth.layout_key(layout))
+    prompts = [json.loads(line) for line in (tmp_path / "llm_rl.jsonl").read_text().splitlines()]
+    assert len(prompts) == 200
+    checked = Counter()
+    for prompt in prompts:
+        assert set(prompt) == {"conversations", "answer", "question_type"}
+        user, assistant = prompt["conversations"]
+        assert user["role"] == "user" and assistant == {"role": "assistant", "content": ""}
+        description, question = user["content"].split("\n")
+        answer = prompt["answer"]
+        if prompt["question_type"] == "count":  # "Two shapes. ..." / "两个形状。..."
+            assert description.lower().startswith(answer + ("形状" if answer in synth.ZH_NUMBERS else " shape"))
+        elif prompt["question_type"] == "presence" and question.startswith("Is there"):
+            asked = question.split()[3].removesuffix("?")  # "Is there a(n) WORD[ shape]?"
+            assert answer == ("yes" if f" {asked}" in description else "no")
+        checked[prompt["question_type"]] += 1
+    assert checked["count"] and checked["presence"] and set(checked) <= set(synth.QUESTION_TYPES)
+
+
+def test_think_reasons_with_the_caption_before_every_sft_answer(tmp_path, tiny_tokenizer):
+    """With --think 1 each vlm_sft / llm_sft answer carries the scene's caption as reasoning_content, rendered as a
+    think block before the unchanged answer; the other files are not touched."""
+    files = ["--files", "vlm_sft", "llm_sft", "vlm_test", "vlm_rl", "--rl_rows", "20"]
+    run_synth(tmp_path / "plain", *files)
+    run_synth(tmp_path / "think", *files, "--think", "1")
+    assert synth.read_config(str(tmp_path / "think")).think and not synth.read_config(str(tmp_path / "plain")).think
+    for name in ("vlm_test.parquet", "vlm_rl.parquet"):
+        assert (tmp_path / "think" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    plain, think = (read_rows(tmp_path / folder / "vlm_sft.parquet") for folder in ("plain", "think"))
+    for before, row in zip(plain, think):
+        assert {k: v for k, v in row.items() if k != "conversations"} == \
+            {k: v for k, v in before.items() if k != "conversations"}
+        scene = synth.caption(tuple(synth.Shape(**s) for s in json.loads(row["scene"])), row["lang"])
+        messages = json.loads(row["conversations"])
+        answers = messages[1::2]
+        assert all(m["reasoning_content"] == scene for m in answers)
+        assert [m["content"] for m in answers] == row["answer"]
+        assert [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages] == \
+            json.loads(before["conversations"])
+        rendered = render_chat(tiny_tokenizer, messages)
+        assert all(f"<think>\n{scene}\n</think>\n\n{answer}<|im_end|>" in rendered for answer in row["answer"])
+    plain, think = ((tmp_path / folder / "llm_sft.jsonl").read_text().splitlines() for folder in ("plain", "think"))
+    for before, line in zip(plain, think, strict=True):
+        messages = json.loads(line)["conversations"]
+        description = messages[0]["content"].split("\n")[0]
+        assert all(m["reasoning_content"] == description for m in messages[1::2])
+        assert [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages] == \
+            json.loads(before)["conversations"]

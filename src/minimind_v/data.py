@@ -21,22 +21,22 @@ import os
 import random
 import signal
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
 from .chat_encoder import IGNORE
 from .config import IMAGE_TOKEN_ID
-from .samples import BadSample, Sample, SampleBuilder, decode_record, record_fields
+from .samples import BadSample, Prompt, Sample, SampleBuilder, decode_record, record_fields
 
 JSONL_BLOCK = 1024  # lines per jsonl chunk
 
 
 @dataclass
 class DataConfig:
-    """How rows become documents. `kind` is text (pretraining), chat or pairs (preference data, two documents a
-    row); `image_token_len=0` ignores images."""
+    """How rows become documents. `kind` is text (pretraining), chat, pairs (preference data, two documents a
+    row) or prompts (for sampling, not packed); `image_token_len=0` ignores images."""
 
     paths: list[str]
     kind: str
@@ -48,6 +48,8 @@ class DataConfig:
     shuffle_window: int = 8192
     packing: bool = True
     pad_multiple: int = 1
+    thinking_ratio: float = 0.0
+    needs_answer: bool = False
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -202,8 +204,33 @@ class EpochOrder:
 # Packing
 
 
+class Movable:
+    """What the loop needs of any micro-batch dataclass besides its counters: the tokens it processes, and its
+    tensors (and lists of tensors, such as pixel_values) moved or pinned."""
+
+    @property
+    def processed_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def _map(self, fn):
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return fn(value)
+            if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                return [fn(v) for v in value]
+            return value
+
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def pin_memory(self):
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device | str):
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+
 @dataclass
-class Batch:
+class Batch(Movable):
     """One micro-batch of R packed rows of T tokens.
 
     input_ids / labels / position_ids [R, T] int64: documents are concatenated in a row, positions restart at
@@ -226,20 +253,6 @@ class Batch:
     rows_read: int
     bad: Counter = field(default_factory=Counter)
 
-    @property
-    def processed_tokens(self) -> int:
-        return self.input_ids.numel()
-
-    def _map(self, fn) -> Batch:
-        pixels = None if self.pixel_values is None else [fn(p) for p in self.pixel_values]
-        return Batch(fn(self.input_ids), fn(self.labels), fn(self.position_ids), fn(self.documents), pixels,
-                     fn(self.targets), self.samples, self.real_tokens, self.rows_read, self.bad)
-
-    def pin_memory(self) -> Batch:
-        return self._map(lambda t: t.pin_memory())
-
-    def to(self, device: torch.device | str) -> Batch:
-        return self._map(lambda t: t.to(device, non_blocking=True))
 
 
 def assign_rows(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -306,6 +319,50 @@ def pack(samples: list[Sample], max_seq_len: int, packing: bool = True, image_id
                  len(samples) if rows_used is None else rows_used, int(lengths.sum()), rows_read, bad)
 
 
+@dataclass
+class PromptBatch(Movable):
+    """B prompts to sample answers for (the prompts data kind; nothing is packed).
+
+    input_ids / attention_mask [B, T] int64: left padded with id 0, mask 0. pixel_values: None or B tensors
+    [N_b, 3, S, S]. messages, open_thinking, answers, seeds: per prompt (see `samples.Prompt`). The counters are
+    those of `Batch`."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: list[torch.Tensor] | None
+    messages: list[list[dict]]
+    open_thinking: list[bool]
+    answers: list[tuple[str, ...]]
+    seeds: list[int]
+    samples: int
+    real_tokens: int
+    rows_read: int
+    bad: Counter = field(default_factory=Counter)
+
+
+
+def collate_prompts(prompts: list[Prompt], rows_read: int = 0, bad: Counter | None = None) -> PromptBatch:
+    """Prompts -> PromptBatch, left padded to the longest. No prompt gives one padding token (a step that every
+    process of a distributed run can still take)."""
+    bad = bad if bad is not None else Counter()
+    if not prompts:
+        zeros = torch.zeros(1, 1, dtype=torch.long)
+        return PromptBatch(zeros, zeros.clone(), None, [], [], [], [], 0, 0, rows_read, bad)
+    lengths = np.array([len(p.ids) for p in prompts], dtype=np.int64)
+    width = int(lengths.max())
+    mask = np.arange(width) >= (width - lengths)[:, None]  # [B, T]: real tokens sit at the right
+    input_ids = np.zeros(mask.shape, dtype=np.int64)
+    input_ids[mask] = np.concatenate([p.ids for p in prompts])
+    pixel_values = None
+    if any(p.pixels is not None for p in prompts):
+        shape = next(p.pixels.shape[1:] for p in prompts if p.pixels is not None)
+        pixel_values = [torch.from_numpy(p.pixels) if p.pixels is not None else torch.empty(0, *shape)
+                        for p in prompts]
+    return PromptBatch(torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64)), pixel_values,
+                       [p.messages for p in prompts], [p.open_thinking for p in prompts], [p.answers for p in prompts],
+                       [p.seed for p in prompts], len(prompts), int(lengths.sum()), rows_read, bad)
+
+
 def _row_pixels(samples: list[Sample], order: np.ndarray, doc_rows: np.ndarray, num_rows: int):
     """The images of each row in reading order: R views [N_r, 3, S, S] of one tensor, or None without images."""
     pixels = [samples[i].pixels for i in order if samples[i].pixels is not None]
@@ -329,7 +386,7 @@ def _check_row_images(input_ids: np.ndarray, pixel_values, image_id: int, block:
 
 def sample_builder(config: DataConfig, tokenizer, image_processor=None) -> SampleBuilder:
     return SampleBuilder(config.kind, tokenizer, config.max_seq_len, config.image_token_len, image_processor,
-                         config.add_system_ratio, config.empty_think_ratio)
+                         config.add_system_ratio, config.empty_think_ratio, config.thinking_ratio, config.needs_answer)
 
 
 class TrainingData:
@@ -366,12 +423,14 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return -(-(self.order.total - self.start_row) // self.rows_per_batch)
 
-    def __getitem__(self, k: int) -> Batch:
+    def __getitem__(self, k: int) -> Batch | PromptBatch:
         first = self.start_row + k * self.rows_per_batch
         positions = first + self.rank + self.world_size * np.arange(self.batch_size)
         positions = positions[positions < self.order.total]
         samples, bad = self.samples(positions)
         config = self.data.config
+        if config.kind == "prompts":
+            return collate_prompts(samples, len(positions), bad)
         used = len(positions) - sum(bad.values())
         return pack(samples, config.max_seq_len, config.packing, self.data.builder.encoder.image_id,
                     config.image_token_len, config.pad_multiple, len(positions), bad, used)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .chat_encoder import ChatEncoder, count_markers
+from .config import IMAGE_TOKEN_ID
 from .llm import KVCache
 from .tokenizer import IMAGE_MARKER, THINK_CLOSE, THINK_OPEN
 
@@ -73,13 +74,14 @@ class Decoder:
     input_ids [B, T] left padded, attention_mask [B, T] or None (no padding), pixel_values in any form
     `MiniMindVLM.forward` accepts (encoded once, at prefill). Finished rows keep receiving eos (pad 0 when a
     row has no eos) and are ignored. `use_cache=False` recomputes the whole sequence every step (the naive
-    path, kept for comparison).
+    path, kept for comparison). `banned_tokens` are never chosen.
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  configs: Sequence[GenerationConfig], pixel_values=None, use_cache: bool = True,
-                 check_images: bool = True):
+                 check_images: bool = True, banned_tokens: Sequence[int] = ()):
         self.model = model
+        self.banned = list(banned_tokens)
         self.configs = list(configs)
         self.ids = input_ids
         self.mask = attention_mask
@@ -120,7 +122,10 @@ class Decoder:
             pixels = self.pixel_values if self.cache.length == 0 else None
             out = self.model(self._pending, attention_mask=self.mask, past_key_values=self.cache, use_cache=True,
                              logits_to_keep=1, pixel_values=pixels, check_images=self.check_images)
-        return out.logits[:, -1].float()
+        logits = out.logits[:, -1].float()
+        if self.banned:
+            logits[:, self.banned] = float("-inf")
+        return logits
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self.plain_greedy:
@@ -156,6 +161,23 @@ class Decoder:
     @property
     def done(self) -> bool:
         return bool(self.finished.all())
+
+
+def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       configs: Sequence[GenerationConfig], pixel_values=None) -> list[list[int]]:
+    """One completion per row (RL rollouts): input_ids [B, T] left padded -> the new ids of each row, through its
+    eos, or `max_new_tokens` ids when it never ended. The model should be in eval mode. A VLM never samples its
+    image placeholder token: an answer holding one could not be read back with its prompt's images."""
+    banned = [IMAGE_TOKEN_ID] if getattr(model.config, "image_token_len", 0) else []
+    decoder = Decoder(model, input_ids, attention_mask, configs, pixel_values, check_images=False,
+                      banned_tokens=banned)
+    steps = []
+    while not decoder.done:
+        steps.append(decoder.step())
+    tokens = torch.stack(steps, dim=1)  # [B, S]
+    ended = tokens == decoder.eos.unsqueeze(1)
+    lengths = torch.where(ended.any(dim=1), ended.int().argmax(dim=1) + 1, decoder.limit.clamp(max=tokens.shape[1]))
+    return [row[:length] for row, length in zip(tokens.tolist(), lengths.tolist())]
 
 
 def reference_generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -287,18 +287,20 @@ class Loop:
         tokens = state.real_tokens - before["real_tokens"]
         processed = state.processed_tokens - before["processed_tokens"]
         samples = state.samples - before["samples"]
+        step_seconds = since / max(state.global_step - before["global_step"], 1)
         self.mark = (now, asdict(state))
         done = state.step - epoch_clock[1]
         remaining = (now - epoch_clock[0]) / max(done, 1) * (epoch_steps - state.step) / 60
         line = reference_line(state.epoch, config.epochs, state.step, epoch_steps, loss, aux, self.lr, remaining)
         self.progress.write(f"{line}{format_metrics(objective_metrics)} | {tokens / since:.0f} tokens/s, "
-                            f"{samples / since:.1f} samples/s, pad_eff {tokens / max(processed, 1):.1%}"
+                            f"{samples / since:.1f} samples/s, {step_seconds:.2f} s/step, "
+                            f"pad_eff {tokens / max(processed, 1):.1%}"
                             + (f", {int(means['nonfinite'])} non-finite steps skipped" if means["nonfinite"] else ""))
         if self.tracker:
             self.tracker.log({
                 "step": state.global_step, "epoch": state.epoch + 1, "loss": loss, "logits_loss": loss - aux,
                 "aux_loss": aux, **objective_metrics, "learning_rate": self.lr, "epoch_time": remaining,
-                "tokens_per_s": tokens / since, "samples_per_s": samples / since,
+                "tokens_per_s": tokens / since, "samples_per_s": samples / since, "step_seconds": step_seconds,
                 "padding_efficiency": tokens / max(processed, 1), "nonfinite_steps": state.nonfinite_steps,
                 "bad_rows": sum(state.bad.values()), "samples": state.samples, "tokens": state.real_tokens,
                 "time": now - self.started,

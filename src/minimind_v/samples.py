@@ -6,6 +6,9 @@ Row formats (reference schemas):
     chat   `conversations` (JSON string or list of messages), `image_bytes` (binary, list of binary or
            {"bytes": ...}) for VLM rows with `<image>` markers
     pairs  `chosen` and `rejected` (each a conversation ending with the assistant's answer), `image_bytes`
+    prompts  `conversations` ending with the user turn to answer (a final assistant message, such as the empty one
+           of the reference `rlaif.jsonl`, is dropped), `image_bytes`, and `answer` (a string or a list of accepted
+           answers; default: the dropped assistant message, when it is not empty)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .chat_encoder import IGNORE, ChatEncoder, EncodingError, count_markers
+from .evaluate import normalize_answer
 from .vision import load_image
 
 # Reasons a row is skipped; reported in the log and the run summary.
@@ -32,6 +36,9 @@ BAD_REASONS = {
     "image_truncated": "--max_seq_len would cut an image's placeholder tokens",
     "answer_truncated": "--max_seq_len leaves no supervised token",
     "prompt_mismatch": "a preference pair's chosen and rejected conversations differ before their last answer",
+    "no_user_turn": "a prompt does not end with a user message",
+    "no_answer": "the exact_match reward needs an answer and the row has none",
+    "prompt_too_long": "a prompt is longer than --max_seq_len",
 }
 # Identity prompts occasionally prepended to SFT conversations (the reference does the same with its own list).
 SYSTEM_PROMPTS = [
@@ -46,7 +53,7 @@ SYSTEM_PROMPTS = [
     "你是一个能看懂图片并回答问题的AI。",
     "你是一个友好的助手，会一步一步地解释问题。",
 ]
-KINDS = ("text", "chat", "pairs")
+KINDS = ("text", "chat", "pairs", "prompts")
 
 
 class BadSample(Exception):
@@ -67,9 +74,24 @@ class Sample:
     pixels: np.ndarray | None = None
 
 
+@dataclass
+class Prompt:
+    """A prompt to sample answers for. ids [L] int64: the generation prompt; pixels [N, 3, S, S] float32 or None;
+    messages: the conversation it was rendered from; answers: normalised accepted answers (empty: none given);
+    seed: the row's own sampling seed (from the run seed, epoch and data position)."""
+
+    ids: np.ndarray
+    pixels: np.ndarray | None
+    messages: list[dict]
+    open_thinking: bool
+    answers: tuple[str, ...]
+    seed: int
+
+
 def record_fields(kind: str, images: bool) -> tuple[str, ...]:
     """The columns a row of this kind is read from; the first one is required."""
-    fields = {"text": ("text",), "chat": ("conversations",), "pairs": ("chosen", "rejected")}[kind]
+    fields = {"text": ("text",), "chat": ("conversations",), "pairs": ("chosen", "rejected"),
+              "prompts": ("conversations", "answer")}[kind]
     return fields + ("image_bytes",) if images and kind != "text" else fields
 
 
@@ -108,7 +130,7 @@ def chat_images(record: dict, messages: list[dict]) -> list[bytes]:
     return images
 
 
-def conversation(value) -> tuple[list[dict], list | None]:
+def conversation(value, needs_assistant: bool = True) -> tuple[list[dict], list | None]:
     """A `conversations` cell (JSON string or list) -> (messages for the chat template, tools or None).
 
     Messages keep role, content, reasoning_content (text) and tool_calls (a JSON string is parsed); tools come
@@ -134,7 +156,7 @@ def conversation(value) -> tuple[list[dict], list | None]:
         messages.append(message)
     first = value[0]
     tools = _maybe_json(first.get("tools") or first.get("functions")) if messages[0]["role"] == "system" else None
-    if not any(m["role"] == "assistant" for m in messages):
+    if needs_assistant and not any(m["role"] == "assistant" for m in messages):
         raise BadSample("no_assistant_turn")
     return messages, tools or None
 
@@ -148,6 +170,13 @@ def _maybe_json(value):
         raise BadSample("invalid_json") from err
 
 
+def accepted_answers(value) -> tuple[str, ...]:
+    """An `answer` cell (a string, a number or a list of them) -> its normalised forms (as `eval` scores)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(normalize_answer(str(v)) for v in values
+                 if isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v).strip())
+
+
 class SampleBuilder:
     """Record -> training documents, or BadSample. Randomness (system prompt, empty-think removal) comes from
     the `rng` passed in, seeded per row, so it does not depend on workers or processes.
@@ -156,17 +185,21 @@ class SampleBuilder:
     conversation, with the same system prompt and think-block choice so that their prompts stay identical."""
 
     def __init__(self, kind: str, tokenizer, max_seq_len: int, image_token_len: int = 0, image_processor=None,
-                 add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2):
+                 add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2, thinking_ratio: float = 0.0,
+                 needs_answer: bool = False):
         if kind not in KINDS:
             raise ValueError(f"unknown sample kind {kind!r}; choose one of {KINDS}")
         self.kind, self.tokenizer, self.max_seq_len = kind, tokenizer, max_seq_len
         self.image_processor = image_processor
         self.add_system_ratio, self.empty_think_ratio = add_system_ratio, empty_think_ratio
+        self.thinking_ratio, self.needs_answer = thinking_ratio, needs_answer
         self.encoder = ChatEncoder(tokenizer, image_token_len)
 
-    def documents(self, record: dict, rng: random.Random) -> list[Sample]:
+    def documents(self, record: dict, rng: random.Random) -> list[Sample] | list[Prompt]:
         if self.kind == "pairs":
             return list(self.build_pair(record, rng))
+        if self.kind == "prompts":
+            return [self.build_prompt(record, rng)]
         return [self.build(record, rng)]
 
     def build(self, record: dict, rng: random.Random) -> Sample:
@@ -194,6 +227,34 @@ class SampleBuilder:
         encoded = [self._encode(system + messages, tools, len(images), drop_think) for messages in (chosen, rejected)]
         pixels = self._pixels(images)
         return tuple(Sample(ids, labels, pixels) for ids, labels in encoded)
+
+    def build_prompt(self, record: dict, rng: random.Random) -> Prompt:
+        """The generation prompt of a prompt row; thinking is opened with probability `thinking_ratio` (as the
+        reference's RLAIF data does)."""
+        messages, tools = conversation(record.get("conversations"), needs_assistant=False)
+        final = messages[-1]
+        if final["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise BadSample("no_user_turn")
+        answer = record.get("answer")
+        if answer is None and final["role"] == "assistant":
+            answer = final["content"]
+        answers = accepted_answers(answer)
+        if self.needs_answer and not answers:
+            raise BadSample("no_answer")
+        images = chat_images(record, messages) if self.encoder.image_token_len else []
+        system, _ = self._augmentations(messages, tools, rng)
+        open_thinking = rng.random() < self.thinking_ratio
+        seed = rng.getrandbits(63)
+        try:
+            encoded = self.encoder.encode(system + messages, len(images), tools, generation_prompt=True,
+                                          open_thinking=open_thinking)
+        except EncodingError as err:
+            raise BadSample(err.reason) from err
+        if len(encoded.ids) > self.max_seq_len:
+            raise BadSample("prompt_too_long")
+        return Prompt(encoded.ids, self._pixels(images), system + messages, open_thinking, answers, seed)
 
     def _augmentations(self, messages: list[dict], tools, rng: random.Random) -> tuple[list[dict], bool]:
         """The reference's random system prompt (none with tools or an own system message) and empty-think

@@ -11,6 +11,9 @@ layout puts it in the test split or the training split, whatever the seed, so no
 
 Every row is drawn from its own random stream, seeded by (seed, file, row index): the first N rows of a file
 do not depend on how many rows are written, and the output is byte-identical for the same arguments.
+
+Besides training and test files it writes preference pairs (DPO) and prompts with verifiable answers (GRPO) on
+request, and with `think` a reasoning block stating the caption before every SFT answer.
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ CAPTION_PROMPTS = {
     "zh": ("描述这张图片。", "图片里有什么？", "请描述图中的形状。"),
 }
 # New files go at the end: a row's random stream is seeded by its file's index here.
-FILES = ("llm_pretrain", "llm_sft", "vlm_pretrain", "vlm_sft", "vlm_test", "llm_dpo", "vlm_dpo", "vlm_dpo_test")
-DEFAULT_FILES = FILES[:5]  # the preference files are written on request (--files)
+FILES = ("llm_pretrain", "llm_sft", "vlm_pretrain", "vlm_sft", "vlm_test", "llm_dpo", "vlm_dpo", "vlm_dpo_test",
+         "vlm_rl", "llm_rl")
+DEFAULT_FILES = FILES[:5]  # the preference and RL prompt files are written on request (--files)
 FILE_NAMES = {file: file + (".jsonl" if file.startswith("llm_") else ".parquet") for file in FILES}
 HELD_OUT_FILES = ("vlm_test", "vlm_dpo_test")
 PREFERENCE_PARQUETS = ("vlm_dpo", "vlm_dpo_test")
@@ -99,7 +103,8 @@ class Shape:
 class SynthConfig:
     """What scenes hold and how images and texts look. `lang` is en, zh or both (a random language per row).
     Fewer kinds, colours or shapes make an easier task; each list needs more entries than `max_shapes` so that
-    a presence question can always be answered "no"."""
+    a presence question can always be answered "no". `think` gives every SFT answer a reasoning block that first
+    states what is in the image (its caption), for a model that reasons before it answers."""
 
     image_size: int = 64
     lang: str = "both"
@@ -112,6 +117,7 @@ class SynthConfig:
     colours: tuple[str, ...] = tuple(COLOURS)
     max_shapes: int = MAX_SHAPES
     asked_types: tuple[str, ...] = QUESTION_TYPES  # the question types the files ask
+    think: bool = False
 
     def question_types(self, shapes: int | None = None) -> tuple[str, ...]:
         """The asked types that fit scenes of `shapes` shapes (default: of this config's scenes): relations
@@ -389,9 +395,10 @@ def _image_message(text: str) -> dict:
 def draw_row(config: SynthConfig, file: str, index: int) -> tuple[np.random.Generator, str, tuple[Shape, ...], list]:
     """Row `index` of a VLM file before rendering: (its random stream, language, shapes, asked) where asked is
     [(question_type, question, answer)]: a caption for vlm_pretrain, `turns` questions for vlm_sft, one for
-    vlm_test and the preference files (vlm_test and vlm_dpo_test draw held-out layouts)."""
+    vlm_test, vlm_rl and the preference files (vlm_test and vlm_dpo_test draw held-out layouts)."""
     rng = _row_rng(config, file, index)
-    turns = {"vlm_pretrain": 0, "vlm_sft": config.turns, "vlm_test": 1, "vlm_dpo": 1, "vlm_dpo_test": 1}[file]
+    turns = {"vlm_pretrain": 0, "vlm_sft": config.turns, "vlm_test": 1, "vlm_dpo": 1, "vlm_dpo_test": 1,
+             "vlm_rl": 1}[file]
     lang, shapes, question_types = _scene(rng, config, file in HELD_OUT_FILES, turns)
     if file == "vlm_pretrain":
         asked = [("caption", _pick(rng, CAPTION_PROMPTS[lang]), caption(shapes, lang))]
@@ -400,14 +407,30 @@ def draw_row(config: SynthConfig, file: str, index: int) -> tuple[np.random.Gene
     return rng, lang, shapes, asked
 
 
+def _answer_message(answer: str, reasoning: str | None) -> dict:
+    """An assistant message; with `reasoning`, the chat template renders `<think>\nreasoning\n</think>\n\n`
+    before the answer."""
+    message = {"role": "assistant", "content": answer}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    return message
+
+
+def _sft_reasoning(config: SynthConfig, file: str, shapes: tuple[Shape, ...], lang: str) -> str | None:
+    """What a vlm_sft / llm_sft answer reasons with `think`: the scene's caption, so the model first says what is
+    in the image and then reads the answer off it. None (no reasoning_content) otherwise."""
+    return caption(shapes, lang) if config.think and file in ("vlm_sft", "llm_sft") else None
+
+
 def vlm_row(config: SynthConfig, file: str, index: int) -> dict:
     """One parquet row: the reference columns plus question / answer / question_type (lists, one entry per
     turn, in vlm_sft), lang and the scene as JSON."""
     rng, lang, shapes, asked = draw_row(config, file, index)
+    reasoning = _sft_reasoning(config, file, shapes, lang)
     messages = []
     for turn, (_, question, answer) in enumerate(asked):
         messages.append(_image_message(question) if turn == 0 else {"role": "user", "content": question})
-        messages.append({"role": "assistant", "content": answer})
+        messages.append(_answer_message(answer, reasoning))
     image = encode_image(render(shapes, rng, config), config.image_format)
     types, questions, answers = (list(column) for column in zip(*asked))
     per_turn = file == "vlm_sft"
@@ -441,23 +464,30 @@ def preference_row(config: SynthConfig, file: str, index: int) -> dict:
 
 def text_record(config: SynthConfig, file: str, index: int) -> dict:
     """A text-only record about a described scene: `text` for llm_pretrain, `conversations` for llm_sft, `chosen`
-    and `rejected` (one question, rightly and wrongly answered) for llm_dpo."""
+    and `rejected` (one question, rightly and wrongly answered) for llm_dpo, and for llm_rl a prompt ending in an
+    empty assistant message with its `answer` and `question_type` (reference `rlaif.jsonl`, verifiable answers)."""
     rng = _row_rng(config, file, index)
-    lang, shapes, question_types = _scene(rng, config, False, 1 if file == "llm_dpo" else config.turns)
+    lang, shapes, question_types = _scene(rng, config, False, 1 if file in ("llm_dpo", "llm_rl") else config.turns)
     description = caption(shapes, lang)
     asked = ask_several(rng, shapes, lang, question_types, config)
     if file == "llm_pretrain":
         return {"text": "\n".join([description] + [f"{q} {a}" for _, q, a in asked])}
+    if file == "llm_rl":
+        (question_type, question, answer), = asked
+        return {"conversations": [{"role": "user", "content": f"{description}\n{question}"},
+                                  {"role": "assistant", "content": ""}],
+                "answer": answer, "question_type": question_type}
     if file == "llm_dpo":
         (question_type, question, answer), = asked
         wrong = wrong_answer(rng, shapes, question_type, answer, lang, config)
         prompt = [{"role": "user", "content": f"{description}\n{question}"}]
         return {"chosen": prompt + [{"role": "assistant", "content": answer}],
                 "rejected": prompt + [{"role": "assistant", "content": wrong}]}
+    reasoning = _sft_reasoning(config, file, shapes, lang)
     messages = []
     for turn, (_, question, answer) in enumerate(asked):
         content = f"{description}\n{question}" if turn == 0 else question
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        messages += [{"role": "user", "content": content}, _answer_message(answer, reasoning)]
     return {"conversations": messages}
 
 
@@ -557,14 +587,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dpo_rows", type=int, default=None,
                         help="rows of the preference files llm_dpo.jsonl and vlm_dpo.parquet (default: --train_rows); "
                              "vlm_dpo_test.parquet (held-out layouts) has --test_rows")
+    parser.add_argument("--rl_rows", type=int, default=None,
+                        help="rows of the RL prompt files vlm_rl.parquet and llm_rl.jsonl (one question each, with "
+                             "its answer; default: --train_rows)")
     parser.add_argument("--files", nargs="+", choices=FILES, default=list(DEFAULT_FILES),
                         help="which files to write (default: all but the preference files llm_dpo, vlm_dpo, "
-                             "vlm_dpo_test)")
+                             "vlm_dpo_test and the RL prompt files vlm_rl, llm_rl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lang", choices=["en", "zh", "both"], default="both",
                         help="language of questions and answers; both = a random language per row")
     parser.add_argument("--turns", type=int, default=3,
                         help="questions per vlm_sft / llm_sft conversation (vlm_test always has one)")
+    parser.add_argument("--think", type=int, choices=[0, 1], default=0,
+                        help="1: every vlm_sft / llm_sft answer carries reasoning_content, the image's caption, "
+                             "rendered as a think block before the answer")
     parser.add_argument("--image_size", type=int, default=64, help="side of the square images in pixels")
     parser.add_argument("--image_format", choices=["jpeg", "png"], default="jpeg")
     parser.add_argument("--noise", type=float, default=8.0,
@@ -599,7 +635,8 @@ def _check(args) -> None:
         raise SystemExit(f"data synth: --texture is a probability in [0, 1] (got {args.texture})")
     if args.noise < 0 or args.row_group_size < 1:
         raise SystemExit("data synth: --noise must be >= 0 and --row_group_size >= 1")
-    counts = (args.train_rows, args.test_rows, args.pretrain_rows or 0, args.text_rows or 0, args.dpo_rows or 0)
+    counts = (args.train_rows, args.test_rows, args.pretrain_rows or 0, args.text_rows or 0, args.dpo_rows or 0,
+              args.rl_rows or 0)
     if min(counts) < 0:
         raise SystemExit("data synth: row counts must not be negative")
 
@@ -611,12 +648,14 @@ def main(args) -> None:
     config = SynthConfig(image_size=args.image_size, lang=args.lang, turns=args.turns, noise=args.noise,
                          texture=args.texture, image_format=args.image_format, seed=args.seed,
                          kinds=tuple(args.kinds), colours=tuple(args.colours), max_shapes=args.max_shapes,
-                         asked_types=tuple(dict.fromkeys(args.question_types)))
+                         asked_types=tuple(dict.fromkeys(args.question_types)), think=bool(args.think))
     pretrain = args.train_rows if args.pretrain_rows is None else args.pretrain_rows
     text = args.train_rows if args.text_rows is None else args.text_rows
     dpo = args.train_rows if args.dpo_rows is None else args.dpo_rows
+    rl = args.train_rows if args.rl_rows is None else args.rl_rows
     counts = {"llm_pretrain": text, "llm_sft": text, "vlm_pretrain": pretrain, "vlm_sft": args.train_rows,
-              "vlm_test": args.test_rows, "llm_dpo": dpo, "vlm_dpo": dpo, "vlm_dpo_test": args.test_rows}
+              "vlm_test": args.test_rows, "llm_dpo": dpo, "vlm_dpo": dpo, "vlm_dpo_test": args.test_rows,
+              "vlm_rl": rl, "llm_rl": rl}
     rows = {file: counts[file] for file in FILES if file in args.files}
     start = time.perf_counter()
     bar = lambda records, file, count: tqdm(records, total=count, desc=file, unit="row", leave=False, disable=None)

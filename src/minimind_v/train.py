@@ -4,9 +4,13 @@ Stages (defaults as the reference trainers; the chain needs no extra flags):
     llm-pretrain  text jsonl/parquet        -> {out_dir}/pretrain_{hidden}.pth
     llm-sft       chat jsonl                -> {out_dir}/llm_{hidden}.pth          (from pretrain)
     llm-dpo       preference jsonl          -> {out_dir}/dpo_{hidden}.pth          (from llm)
+    llm-grpo      prompt jsonl (rlaif)      -> {out_dir}/grpo_{hidden}.pth         (from llm)
+    llm-distill   chat jsonl + --teacher    -> {out_dir}/full_dist_{hidden}.pth    (from llm)
     vlm-pretrain  image-text parquet        -> {out_dir}/pretrain_vlm_{hidden}.pth (from llm)
     vlm-sft       image-text parquet        -> {out_dir}/sft_vlm_{hidden}.pth      (from pretrain_vlm)
     vlm-dpo       preference parquet        -> {out_dir}/dpo_vlm_{hidden}.pth      (from sft_vlm)
+    vlm-grpo      prompt parquet            -> {out_dir}/grpo_vlm_{hidden}.pth     (from sft_vlm)
+    vlm-distill   image-text parquet        -> {out_dir}/dist_vlm_{hidden}.pth     (from sft_vlm)
 
 Any stage trains LoRA adapters instead with `--lora_rank R`: the base stays frozen and the adapters go to
 {out_dir}/{lora_name}_{hidden}/ (PEFT format). `train(stage=..., **settings)` is the same from Python.
@@ -81,13 +85,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "lora_{save_weight})")
     objective = parser.add_argument_group("objective")
     objective.add_argument("--beta", type=float, default=d["beta"],
-                           help="DPO: strength of the preference against the reference model")
+                           help="DPO: strength of the preference against the reference model (0.15); GRPO: weight "
+                                "of the KL to the reference model (0.1; 0 skips the reference model)")
     objective.add_argument("--rpo_alpha", type=float, default=d["rpo_alpha"],
                            help="DPO: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: the "
                                 "reference's plain DPO)")
+    objective.add_argument("--temperature", type=float, default=d["temperature"],
+                           help="GRPO: sampling temperature of the answers (0.8); distillation: softmax temperature "
+                                "of both models (1.5)")
+    grpo = parser.add_argument_group("GRPO (llm-grpo, vlm-grpo)")
+    grpo.add_argument("--num_generations", type=int, default=d["num_generations"],
+                      help="answers sampled per prompt; advantages compare the answers of one prompt")
+    grpo.add_argument("--max_gen_len", type=int, default=d["max_gen_len"], help="longest answer, in tokens")
+    grpo.add_argument("--top_p", type=float, default=d["top_p"], help="sampling nucleus of the answers")
+    grpo.add_argument("--top_k", type=int, default=d["top_k"], help="sampling top-k of the answers (0: off)")
+    grpo.add_argument("--thinking_ratio", type=float,
+                      help="probability of opening a think block in a prompt (0.9 llm-grpo, 0 vlm-grpo)")
+    grpo.add_argument("--loss_type", default=d["loss_type"], choices=["grpo", "cispo"],
+                      help="grpo: PPO-clipped ratio; cispo: clipped, detached ratio times log-prob")
+    grpo.add_argument("--epsilon", type=float, default=d["epsilon"], help="grpo loss: clip range of the ratio")
+    grpo.add_argument("--epsilon_high", type=float, default=d["epsilon_high"],
+                      help="cispo loss: upper bound of the ratio")
+    grpo.add_argument("--rewards", nargs="+", default=d["rewards"],
+                      help="reward kinds with optional weights, summed: exact_match (the row's `answer`, scored as "
+                           "`eval` does), format (the reference's length / think-block / repetition rules), "
+                           "reward_model (--reward_model_path); e.g. exact_match format:0.25")
+    grpo.add_argument("--reward_model_path",
+                      help="a transformers reward model (sequence classification, one output) scoring (prompt, "
+                           "answer); adds the reward_model reward")
+    distill = parser.add_argument_group("distillation (llm-distill, vlm-distill)")
+    distill.add_argument("--teacher", "--from_teacher_weight", dest="teacher",
+                         help="the teacher: a weight prefix in --out_dir ({out_dir}/{teacher}_{hidden}[_moe].pth, "
+                              "with the shape flags below) or a transformers folder; same tokenizer as the student")
+    distill.add_argument("--teacher_hidden_size", type=int, help="teacher width (default: the student's)")
+    distill.add_argument("--teacher_num_hidden_layers", "--teacher_num_layers", dest="teacher_num_hidden_layers",
+                         type=int, help="teacher depth (default: the student's)")
+    distill.add_argument("--teacher_use_moe", type=int, choices=[0, 1], help="teacher MoE (default: the student's)")
+    distill.add_argument("--alpha", type=float, default=d["alpha"],
+                         help="weight of the cross-entropy on the labels; 1 - alpha weighs the KL to the teacher")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int)
-    optim.add_argument("--batch_size", type=int, help="samples (DPO: pairs) per micro-batch per process")
+    optim.add_argument("--batch_size", type=int, help="samples (DPO: pairs, GRPO: prompts) per micro-batch per "
+                                                       "process")
     optim.add_argument("--learning_rate", type=float, help="peak learning rate (cosine to 10%% of it)")
     optim.add_argument("--warmup_steps", type=int, default=d["warmup_steps"], help="linear warm-up steps")
     optim.add_argument("--accumulation_steps", type=int)

@@ -10,8 +10,8 @@ from .distributed import default_device
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage: its data kind (text, chat or pairs), whether it has a vision tower, its objective, and the
-    reference defaults of the per-stage settings."""
+    """A stage: its data kind (text, chat, pairs or prompts), whether it has a vision tower, its objective, and
+    the reference defaults of the per-stage settings."""
 
     kind: str
     vision: bool
@@ -28,6 +28,9 @@ class Stage:
     freeze_llm: int
     add_system_ratio: float
     wandb_project: str
+    beta: float = 0.0
+    temperature: float = 1.0
+    thinking_ratio: float = 0.0
 
 
 STAGES = {
@@ -36,13 +39,21 @@ STAGES = {
     "llm-sft": Stage("chat", False, "causal_lm", "llm", "pretrain", "dataset/sft_t2t_mini.jsonl", 2, 16, 1e-5, 768,
                      1, 8, 0, 0.2, "MiniMind-Full-SFT"),
     "llm-dpo": Stage("pairs", False, "dpo", "dpo", "llm", "dataset/dpo.jsonl", 1, 4, 4e-8, 1024, 1, 8, 0, 0.0,
-                     "MiniMind-DPO"),
+                     "MiniMind-DPO", beta=0.15),
+    "llm-grpo": Stage("prompts", False, "grpo", "grpo", "llm", "dataset/rlaif.jsonl", 1, 2, 3e-7, 768, 1, 8, 0, 0.0,
+                      "MiniMind-GRPO", beta=0.1, temperature=0.8, thinking_ratio=0.9),
+    "llm-distill": Stage("chat", False, "distill", "full_dist", "llm", "dataset/sft_t2t_mini.jsonl", 6, 32, 5e-6,
+                         340, 1, 8, 0, 0.0, "MiniMind-Distillation", temperature=1.5),
     "vlm-pretrain": Stage("chat", True, "causal_lm", "pretrain_vlm", "llm", "dataset/pretrain_i2t.parquet", 2, 16,
                           4e-4, 450, 1, 2, 2, 0.2, "MiniMind-V-Pretrain"),
     "vlm-sft": Stage("chat", True, "causal_lm", "sft_vlm", "pretrain_vlm", "dataset/sft_i2t.parquet", 2, 4, 5e-6,
                      768, 1, 2, 1, 0.2, "MiniMind-V-SFT"),
     "vlm-dpo": Stage("pairs", True, "dpo", "dpo_vlm", "sft_vlm", "dataset/dpo_i2t.parquet", 1, 4, 4e-8, 1024, 1, 2,
-                     0, 0.0, "MiniMind-V-DPO"),
+                     0, 0.0, "MiniMind-V-DPO", beta=0.15),
+    "vlm-grpo": Stage("prompts", True, "grpo", "grpo_vlm", "sft_vlm", "dataset/rlaif_i2t.parquet", 1, 2, 3e-7, 768, 1,
+                      2, 0, 0.0, "MiniMind-V-GRPO", beta=0.1, temperature=0.8),
+    "vlm-distill": Stage("chat", True, "distill", "dist_vlm", "sft_vlm", "dataset/sft_i2t.parquet", 2, 4, 5e-6, 768,
+                         1, 2, 0, 0.2, "MiniMind-V-Distillation", temperature=1.5),
 }
 PER_STAGE = tuple(f.name for f in fields(Stage) if f.name not in ("kind", "vision", "objective"))
 
@@ -78,8 +89,26 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
     lora_name: str | None = None
     # objective
-    beta: float = 0.15
+    beta: float | None = None
     rpo_alpha: float = 0.0
+    temperature: float | None = None
+    # GRPO
+    num_generations: int = 6
+    max_gen_len: int = 1024
+    top_p: float = 0.85
+    top_k: int = 50
+    thinking_ratio: float | None = None
+    loss_type: str = "cispo"
+    epsilon: float = 0.2
+    epsilon_high: float = 5.0
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    reward_model_path: str | None = None
+    # distillation
+    teacher: str | None = None
+    teacher_hidden_size: int | None = None
+    teacher_num_hidden_layers: int | None = None
+    teacher_use_moe: int | None = None
+    alpha: float = 0.5
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None

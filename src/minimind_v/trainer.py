@@ -33,9 +33,11 @@ from .checkpoint import (
 )
 from .config import MiniMindConfig
 from .data import DataConfig, TrainingData
-from .loading import build_model, resolve_vision, vlm_config
+from .generate import GenerationConfig
+from .loading import build_model, load_model, resolve_vision, vlm_config
 from .lora import add_lora, save_adapter, target_names
 from .objectives import make_objective
+from .rewards import Rewards, parse_rewards
 from .samples import BAD_REASONS
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
@@ -143,6 +145,28 @@ class Trainer:
         if config.lora_rank and config.train_vision:
             raise TrainingError("a LoRA run keeps every base weight frozen: add `vision` to --lora_targets instead of "
                                 "--train_vision 1")
+        self.reward_weights = self._check_objective_flags()
+
+    def _check_objective_flags(self) -> dict[str, float]:
+        """Refuse GRPO and distillation settings that cannot work; returns GRPO's reward weights ({} otherwise)."""
+        config, stage = self.config, self.stage
+        if stage.objective in ("grpo", "distill") and config.temperature <= 0:
+            raise TrainingError(f"--temperature must be above 0 (got {config.temperature}): GRPO samples its answers "
+                                "and distillation softens both distributions with it")
+        if stage.objective == "distill" and not 0 <= config.alpha <= 1:
+            raise TrainingError(f"--alpha weighs the cross-entropy against the KL and must be in [0, 1] (got "
+                                f"{config.alpha})")
+        if stage.objective == "grpo":
+            if config.num_generations < 2:
+                raise TrainingError(f"--num_generations must be at least 2: advantages compare the answers of a group "
+                                    f"(got {config.num_generations})")
+            if config.max_gen_len < 1:
+                raise TrainingError(f"--max_gen_len must be at least 1 (got {config.max_gen_len})")
+            try:
+                return parse_rewards(config.rewards, config.reward_model_path)
+            except ValueError as err:
+                raise TrainingError(str(err)) from err
+        return {}
 
     # ------------------------------------------------------------------ model
 
@@ -227,16 +251,89 @@ class Trainer:
         return bool(config.lora_rank)
 
     def _make_objective(self):
-        config = self.config
+        objective, config = self.stage.objective, self.config
         options = {}
-        if self.stage.objective == "dpo":
-            reference = None
-            if not self.adapted:  # a frozen copy of the starting weights; a frozen tower is shared, not copied
-                tower = getattr(self.model, "vision_encoder", None)
-                shared = {id(tower): tower} if tower is not None and not config.train_vision else {}
-                reference = copy.deepcopy(self.model, memo=shared).requires_grad_(False).eval()
-            options = {"beta": config.beta, "rpo_alpha": config.rpo_alpha, "reference": reference}
-        return make_objective(self.stage.objective, packing=bool(config.packing), vision=self.stage.vision, **options)
+        if objective == "dpo":
+            options = {"beta": config.beta, "rpo_alpha": config.rpo_alpha, "reference": self._reference_model()}
+        elif objective == "grpo":
+            options = self._grpo_options()
+        elif objective == "distill":
+            options = {"teacher": self._load_teacher(), "alpha": config.alpha, "temperature": config.temperature}
+        try:
+            return make_objective(objective, packing=bool(config.packing), vision=self.stage.vision, **options)
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
+
+    def _reference_model(self):
+        """A frozen copy of the starting weights (a frozen tower is shared, not copied), or None for a LoRA run,
+        whose reference is the policy with its adapters off."""
+        if self.adapted:
+            return None
+        tower = getattr(self.model, "vision_encoder", None)
+        shared = {id(tower): tower} if tower is not None and not self.config.train_vision else {}
+        return copy.deepcopy(self.model, memo=shared).requires_grad_(False).eval()
+
+    def _grpo_options(self) -> dict:
+        config = self.config
+        weights = self.reward_weights
+        try:
+            rewards = Rewards(weights, config.reward_model_path, self.device,
+                              torch.bfloat16 if self.cuda else torch.float32)
+        except (OSError, ValueError) as err:
+            raise TrainingError(f"cannot load the reward model {config.reward_model_path}: {err}") from err
+        self.log(f"rewards: {', '.join(f'{kind} x {weight:g}' for kind, weight in weights.items())}")
+        generation = GenerationConfig(max_new_tokens=config.max_gen_len, temperature=config.temperature,
+                                      top_p=config.top_p, top_k=config.top_k, eos_token_id=self.tokenizer.eos_token_id)
+        return {"tokenizer": self.tokenizer, "rewards": rewards, "generation": generation,
+                "num_generations": config.num_generations, "beta": config.beta, "loss_type": config.loss_type,
+                "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
+                "image_token_len": self.model.config.image_token_len if self.stage.vision else 0,
+                "reference": self._reference_model() if config.beta else None}
+
+    def _load_teacher(self):
+        """The teacher of a distillation run, frozen on the device: a transformers folder or native weights
+        `{out_dir}/{teacher}_{teacher_hidden_size}[_moe].pth` (shape flags default to the student's)."""
+        config = self.config
+        if not config.teacher:
+            raise TrainingError("distillation needs --teacher: a weight prefix in --out_dir (with "
+                                "--teacher_hidden_size/--teacher_num_hidden_layers/--teacher_use_moe) or a "
+                                "transformers folder")
+        shape = {"hidden_size": config.teacher_hidden_size or config.hidden_size,
+                 "num_hidden_layers": config.teacher_num_hidden_layers or config.num_hidden_layers,
+                 "use_moe": bool(config.use_moe if config.teacher_use_moe is None else config.teacher_use_moe)}
+        folder = os.path.isdir(config.teacher)
+        source = config.teacher if folder else weight_path(config.out_dir, config.teacher, shape["hidden_size"],
+                                                            shape["use_moe"])
+        if not folder and not os.path.isfile(source):
+            raise TrainingError(f"no teacher weights at {source}: pass --teacher PREFIX with the teacher's "
+                                "--teacher_hidden_size/--teacher_num_hidden_layers/--teacher_use_moe, or a folder")
+        try:
+            teacher, tokenizer = load_model(load_from=source if folder else None, save_dir=config.out_dir,
+                                            weight=config.teacher, vision_model=None if self.stage.vision else "none",
+                                            tokenizer=config.tokenizer, device=self.device, **shape)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise TrainingError(f"cannot load the teacher {source}: {err}. Teacher and student must share the "
+                                "tokenizer (--tokenizer) and, for a VLM, the image size and tokens per image") from err
+        self._check_teacher(teacher, tokenizer, source)
+        params = sum(p.numel() for p in teacher.parameters())
+        self.log(f"teacher: {source} ({params / 1e6:.3f}M params, frozen)")
+        return teacher.requires_grad_(False)
+
+    def _check_teacher(self, teacher, tokenizer, source: str) -> None:
+        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise TrainingError(f"the teacher {source} has another tokenizer than the student ({len(tokenizer)} vs "
+                                f"{len(self.tokenizer)} tokens): distillation compares their next-token "
+                                "distributions, so both must use the same one (--tokenizer)")
+        if self.stage.vision:
+            ours, theirs = self.model, teacher
+            if getattr(theirs, "vision_encoder", None) is None:
+                raise TrainingError(f"the teacher {source} has no vision tower: a VLM student needs a VLM teacher")
+            if (theirs.config.image_token_len, theirs.image_processor.size) != (
+                    ours.config.image_token_len, ours.image_processor.size):
+                raise TrainingError(
+                    f"the teacher {source} reads {theirs.image_processor.size}px images as "
+                    f"{theirs.config.image_token_len} tokens, the student {ours.image_processor.size}px as "
+                    f"{ours.config.image_token_len}: both must see the same pixels and placeholders")
 
     def _wrap(self):
         model = self.model
@@ -257,7 +354,8 @@ class Trainer:
             image_token_len=self.model.config.image_token_len if stage.vision else 0,
             add_system_ratio=config.add_system_ratio, empty_think_ratio=config.empty_think_ratio, seed=config.seed,
             shuffle_window=config.shuffle_window, packing=bool(config.packing),
-            pad_multiple=16 if config.use_compile else 1,
+            pad_multiple=16 if config.use_compile else 1, thinking_ratio=config.thinking_ratio,
+            needs_answer="exact_match" in self.reward_weights,
         )
         try:
             data = TrainingData(data_config, self.tokenizer, self.model.image_processor if stage.vision else None)

@@ -3,8 +3,8 @@ rest (accumulation, normalisation over processes, the optimizer step, logging), 
 here and one entry in `OBJECTIVES`, with no change to the loop.
 
 An objective provides:
-    count(batch)        the units its loss is averaged over in the batch (supervised tokens, preference pairs):
-                        a tensor on the batch's device, known before the forward
+    count(batch)        the units its loss is averaged over in the batch (supervised tokens, preference pairs,
+                        sampled answers): a tensor on the batch's device, known before the forward
     __call__(model, batch) -> Output
                         loss: the loss summed over those units; aux_loss: the model's auxiliary (MoE) loss;
                         metrics: extra sums over the same units (the loop logs each as sum / units)
@@ -14,9 +14,11 @@ An objective provides:
 from __future__ import annotations
 
 from .causal_lm import CausalLM
+from .distill import Distill
 from .dpo import DPO
+from .grpo import GRPO
 
-OBJECTIVES = {"causal_lm": CausalLM, "dpo": DPO}
+OBJECTIVES = {"causal_lm": CausalLM, "dpo": DPO, "grpo": GRPO, "distill": Distill}
 
 
 def make_objective(name: str, packing: bool, vision: bool, **options):

@@ -1,12 +1,17 @@
-"""What every objective shares: its output and the model's forward on a packed batch."""
+"""What objectives share: their output, the model's forward on a packed batch, a frozen model's forward, and
+per-token and per-document sums over the supervised positions."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from ..chat_encoder import IGNORE
 from ..data import Batch
+from ..lora import adapters_disabled
+from ..weights import unwrap
 
 
 @dataclass
@@ -29,3 +34,42 @@ def forward(model, batch: Batch, packing: bool, vision: bool):
     if vision:
         inputs.update(pixel_values=batch.pixel_values, check_images=False)
     return model(**inputs)
+
+
+def frozen_logits(model, frozen, batch: Batch, packing: bool, vision: bool) -> torch.Tensor:
+    """Logits of a frozen model (a reference or a teacher) without gradients, or, when `frozen` is None, of the
+    policy with its LoRA adapters switched off (the base model, without a second copy in memory)."""
+    with torch.no_grad():
+        if frozen is not None:
+            return forward(frozen, batch, packing, vision).logits
+        policy = unwrap(model)  # outside DDP and compile: no gradient, nothing to synchronise
+        training = policy.training
+        policy.eval()
+        try:
+            with adapters_disabled(policy):
+                return forward(policy, batch, packing, vision).logits
+        finally:
+            policy.train(training)
+
+
+def next_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each position predicts, token t + 1 (IGNORE where unsupervised), and that token's document: [R * T]
+    each."""
+    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE).flatten()
+    documents = F.pad(batch.documents[:, 1:], (0, 1), value=-1).flatten()
+    return targets, documents
+
+
+def supervised_logps(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each supervised next token and its document: logits [R, T, V] -> ([N], [N]) with N the
+    supervised positions; the softmax runs over those positions only."""
+    targets, documents = next_tokens(batch)
+    supervised = targets != IGNORE
+    logps = -F.cross_entropy(logits.flatten(0, 1)[supervised].float(), targets[supervised], reduction="none")
+    return logps, documents[supervised]
+
+
+def sum_per_document(values: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
+    """Sums of `values` [N] by document index [N]: [count] float32."""
+    sums = torch.zeros(count, dtype=torch.float32, device=values.device)
+    return sums.index_add(0, documents, values.float())

@@ -23,38 +23,20 @@ import torch.nn.functional as F
 
 from ..chat_encoder import IGNORE
 from ..data import Batch
-from ..lora import adapters_disabled
-from ..weights import unwrap
-from .base import Output, forward
-
-
-def _next_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """What each position predicts, token t + 1 (IGNORE where unsupervised), and that token's document: [R * T]
-    each."""
-    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE).flatten()
-    documents = F.pad(batch.documents[:, 1:], (0, 1), value=-1).flatten()
-    return targets, documents
-
-
-def _sum_per_document(values: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor,
-                      pairs: int) -> torch.Tensor:
-    """Sum of `values` [R * T] over each document's supervised positions: [2 * pairs] float32."""
-    supervised = targets != IGNORE
-    sums = torch.zeros(2 * pairs, dtype=torch.float32, device=values.device)
-    return sums.index_add(0, torch.where(supervised, documents, 0), torch.where(supervised, values, 0.0))
+from .base import Output, forward, frozen_logits, next_tokens, sum_per_document, supervised_logps
 
 
 def document_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Summed log-probability of each document's supervised tokens: logits [R, T, V] -> [2 * pairs] float32."""
-    targets, documents = _next_tokens(batch)
-    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE, reduction="none")
-    return _sum_per_document(token_logps, targets, documents, batch.samples)
+    logps, documents = supervised_logps(logits, batch)
+    return sum_per_document(logps, documents, 2 * batch.samples)
 
 
 def document_lengths(batch: Batch) -> torch.Tensor:
     """Supervised tokens of each document (those `document_logps` sums): [2 * pairs] float32."""
-    targets, documents = _next_tokens(batch)
-    return _sum_per_document(torch.ones_like(targets, dtype=torch.float32), targets, documents, batch.samples)
+    targets, documents = next_tokens(batch)
+    supervised = documents[targets != IGNORE]
+    return sum_per_document(torch.ones_like(supervised, dtype=torch.float32), supervised, 2 * batch.samples)
 
 
 class DPO:
@@ -71,8 +53,7 @@ class DPO:
     def __call__(self, model, batch: Batch) -> Output:
         out = forward(model, batch, self.packing, self.vision)
         policy = document_logps(out.logits, batch)
-        with torch.no_grad():
-            reference = document_logps(self._reference_logits(model, batch), batch)
+        reference = document_logps(frozen_logits(model, self.reference, batch, self.packing, self.vision), batch)
         chosen_reward = self.beta * (policy[0::2] - reference[0::2])
         rejected_reward = self.beta * (policy[1::2] - reference[1::2])
         losses = -F.logsigmoid(chosen_reward - rejected_reward)
@@ -84,15 +65,3 @@ class DPO:
             "chosen_logp": policy[0::2].detach().sum(), "rejected_logp": policy[1::2].detach().sum(),
         }
         return Output(losses.sum(), out.aux_loss, metrics)
-
-    def _reference_logits(self, model, batch: Batch) -> torch.Tensor:
-        if self.reference is not None:
-            return forward(self.reference, batch, self.packing, self.vision).logits
-        policy = unwrap(model)  # outside DDP and compile: no gradient, nothing to synchronise
-        training = policy.training
-        policy.eval()
-        try:
-            with adapters_disabled(policy):
-                return forward(policy, batch, self.packing, self.vision).logits
-        finally:
-            policy.train(training)
