@@ -297,6 +297,14 @@ def test_distillation_brings_a_smaller_student_towards_its_teacher(chain, tmp_pa
     assert logged[-1]["kl"] < 0.5 * logged[0]["kl"] and logged[-1]["ce"] < logged[0]["ce"]
     with pytest.raises(SystemExit, match="no teacher weights at .*nothing_64.pth"):
         cli.main(train_argv(chain, "vlm-distill", *flags, "--teacher", "nothing", "--max_steps", "1"))
+    cli.main(["export", "--out", str(tmp_path / "vlm_teacher"), "--save_dir", str(chain / "out"), "--weight", "sft_vlm",
+              *SHAPE, "--tokenizer", str(chain / "tok")])
+    teachers = {"native": "sft_vlm", "folder": str(tmp_path / "vlm_teacher")}  # the same teacher, two forms
+    for form, teacher in teachers.items():
+        cli.main(train_argv(chain, "vlm-distill", *flags, "--teacher", teacher, "--max_steps", "1", "--log_interval",
+                            "1", "--save_weight", "dist_one", "--log_dir", str(tmp_path / form)))
+    native, folder = (metrics(tmp_path / form, "dist_one_32", "")[0] for form in teachers)
+    assert abs(native["kl"] - folder["kl"]) < 1e-4 and abs(native["ce"] - folder["ce"]) < 1e-4
     other = train_tokenizer(["Other words, another vocabulary."] * 50, str(tmp_path / "tok"), vocab_size=300)
     teacher = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1, vocab_size=len(other)))
     export_pretrained(teacher, str(tmp_path / "teacher"), other)
