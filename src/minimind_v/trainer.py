@@ -280,7 +280,9 @@ class Trainer:
             rewards = Rewards(weights, config.reward_model_path, self.device,
                               torch.bfloat16 if self.cuda else torch.float32)
         except (OSError, ValueError) as err:
-            raise TrainingError(f"cannot load the reward model {config.reward_model_path}: {err}") from err
+            path = config.reward_model_path
+            where = "" if os.path.isdir(path) else " (no such folder here, and as a hub id it could not be fetched)"
+            raise TrainingError(f"cannot load the reward model {path}{where}: {err}") from err
         self.log(f"rewards: {', '.join(f'{kind} x {weight:g}' for kind, weight in weights.items())}")
         generation = GenerationConfig(max_new_tokens=config.max_gen_len, temperature=config.temperature,
                                       top_p=config.top_p, top_k=config.top_k, eos_token_id=self.tokenizer.eos_token_id)
