@@ -254,7 +254,6 @@ class Batch(Movable):
     bad: Counter = field(default_factory=Counter)
 
 
-
 def assign_rows(lengths: np.ndarray, capacity: int) -> np.ndarray:
     """Row index of each document [n], rows holding <= capacity tokens. First-fit decreasing gives the
     fewest rows; the documents are then spread over that many rows longest-first onto the emptiest row,
@@ -338,7 +337,6 @@ class PromptBatch(Movable):
     real_tokens: int
     rows_read: int
     bad: Counter = field(default_factory=Counter)
-
 
 
 def collate_prompts(prompts: list[Prompt], rows_read: int = 0, bad: Counter | None = None) -> PromptBatch:

@@ -52,21 +52,25 @@ def frozen_logits(model, frozen, batch: Batch, packing: bool, vision: bool) -> t
             policy.train(training)
 
 
-def next_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """What each position predicts, token t + 1 (IGNORE where unsupervised), and that token's document: [R * T]
-    each."""
-    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE).flatten()
+def next_tokens(batch: Batch) -> torch.Tensor:
+    """What each position predicts, token t + 1 (IGNORE where unsupervised): [R * T]. Shifting the labels, not
+    the logits, avoids copying the logits."""
+    return F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE).flatten()
+
+
+def supervised(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The supervised positions [R * T] bool, the tokens they predict [N] and those tokens' documents [N]."""
+    targets = next_tokens(batch)
     documents = F.pad(batch.documents[:, 1:], (0, 1), value=-1).flatten()
-    return targets, documents
+    positions = targets != IGNORE
+    return positions, targets[positions], documents[positions]
 
 
 def supervised_logps(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each supervised next token and its document: logits [R, T, V] -> ([N], [N]) with N the
-    supervised positions; the softmax runs over those positions only."""
-    targets, documents = next_tokens(batch)
-    supervised = targets != IGNORE
-    logps = -F.cross_entropy(logits.flatten(0, 1)[supervised].float(), targets[supervised], reduction="none")
-    return logps, documents[supervised]
+    """Log-probability of each supervised next token and its document: logits [R, T, V] -> ([N], [N]); the
+    softmax runs over the supervised positions only."""
+    positions, targets, documents = supervised(batch)
+    return -F.cross_entropy(logits.flatten(0, 1)[positions].float(), targets, reduction="none"), documents
 
 
 def sum_per_document(values: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:

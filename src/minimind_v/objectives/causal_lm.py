@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..chat_encoder import IGNORE
 from ..data import Batch
-from .base import Output, forward
+from .base import Output, forward, next_tokens
 
 
 class CausalLM:
@@ -21,8 +21,6 @@ class CausalLM:
 
     def __call__(self, model, batch: Batch) -> Output:
         out = forward(model, batch, self.packing, self.vision)
-        # position t predicts labels[t + 1]; shifting the labels (not the logits) avoids copying the logits
-        shifted = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE)
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE,
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), next_tokens(batch), ignore_index=IGNORE,
                              reduction="sum")
         return Output(ce, out.aux_loss)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..chat_encoder import IGNORE
 from ..data import Batch
-from .base import Output, forward, frozen_logits, next_tokens
+from .base import Output, forward, frozen_logits, supervised
 
 
 class Distill:
@@ -30,11 +29,10 @@ class Distill:
     def __call__(self, model, batch: Batch) -> Output:
         out = forward(model, batch, self.packing, self.vision)
         teacher_logits = frozen_logits(model, self.teacher, batch, self.packing, self.vision)
-        targets, _ = next_tokens(batch)
-        supervised = targets != IGNORE
-        student = out.logits.flatten(0, 1)[supervised].float()
-        teacher = teacher_logits.flatten(0, 1)[supervised].float()
-        ce = F.cross_entropy(student, targets[supervised], reduction="sum")
+        positions, targets, _ = supervised(batch)
+        student = out.logits.flatten(0, 1)[positions].float()
+        teacher = teacher_logits.flatten(0, 1)[positions].float()
+        ce = F.cross_entropy(student, targets, reduction="sum")
         t = self.temperature
         kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), log_target=True,
                       reduction="sum") * t * t

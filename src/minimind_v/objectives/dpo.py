@@ -21,22 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..chat_encoder import IGNORE
 from ..data import Batch
-from .base import Output, forward, frozen_logits, next_tokens, sum_per_document, supervised_logps
+from .base import Output, forward, frozen_logits, sum_per_document, supervised_logps
 
 
 def document_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Summed log-probability of each document's supervised tokens: logits [R, T, V] -> [2 * pairs] float32."""
     logps, documents = supervised_logps(logits, batch)
     return sum_per_document(logps, documents, 2 * batch.samples)
-
-
-def document_lengths(batch: Batch) -> torch.Tensor:
-    """Supervised tokens of each document (those `document_logps` sums): [2 * pairs] float32."""
-    targets, documents = next_tokens(batch)
-    supervised = documents[targets != IGNORE]
-    return sum_per_document(torch.ones_like(supervised, dtype=torch.float32), supervised, 2 * batch.samples)
 
 
 class DPO:
@@ -52,13 +44,15 @@ class DPO:
 
     def __call__(self, model, batch: Batch) -> Output:
         out = forward(model, batch, self.packing, self.vision)
-        policy = document_logps(out.logits, batch)
+        logps, owner = supervised_logps(out.logits, batch)
+        policy = sum_per_document(logps, owner, 2 * batch.samples)
         reference = document_logps(frozen_logits(model, self.reference, batch, self.packing, self.vision), batch)
         chosen_reward = self.beta * (policy[0::2] - reference[0::2])
         rejected_reward = self.beta * (policy[1::2] - reference[1::2])
         losses = -F.logsigmoid(chosen_reward - rejected_reward)
         if self.rpo_alpha:
-            losses = losses - self.rpo_alpha * policy[0::2] / document_lengths(batch)[0::2].clamp(min=1)
+            lengths = sum_per_document(torch.ones_like(logps), owner, 2 * batch.samples)
+            losses = losses - self.rpo_alpha * policy[0::2] / lengths[0::2].clamp(min=1)
         metrics = {
             "reward_accuracy": (chosen_reward > rejected_reward).float().sum(),
             "reward_margin": (chosen_reward - rejected_reward).detach().sum(),
