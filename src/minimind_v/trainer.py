@@ -190,10 +190,9 @@ class Trainer:
                                           initializer_range=config.initializer_range)
             model = build_model(model_config)
         if config.from_weight != "none":
-            path = weight_path(config.out_dir, config.from_weight, config.hidden_size, bool(config.use_moe))
-            if not os.path.isfile(path):
-                raise TrainingError(f"no weights at {path}: train the previous stage first, or pass --from_weight "
-                                    "none to start from random weights")
+            path = self._native_weights("weights", config.from_weight, config.hidden_size, bool(config.use_moe),
+                                        "train the previous stage first, or pass --from_weight none to start from "
+                                        "random weights")
             try:
                 absent = load_native(model, path, optional_prefixes=("vision_proj.",) if stage.vision else ())
             except ValueError as err:
@@ -202,6 +201,13 @@ class Trainer:
             note = f"; {len(fresh)} vision_proj.* tensors are not in it and start from random init" if fresh else ""
             self.log(f"loaded {path}{note}")
         return model
+
+    def _native_weights(self, what: str, prefix: str, hidden_size: int, use_moe: bool, hint: str) -> str:
+        """The path of native weights in --out_dir, or TrainingError naming it with `hint` when it is missing."""
+        path = weight_path(self.config.out_dir, prefix, hidden_size, use_moe)
+        if not os.path.isfile(path):
+            raise TrainingError(f"no {what} at {path}: {hint}")
+        return path
 
     def _vision_source(self) -> str:
         config = self.config
@@ -304,11 +310,10 @@ class Trainer:
                  "num_hidden_layers": config.teacher_num_hidden_layers or config.num_hidden_layers,
                  "use_moe": bool(config.use_moe if config.teacher_use_moe is None else config.teacher_use_moe)}
         folder = os.path.isdir(config.teacher)
-        source = config.teacher if folder else weight_path(config.out_dir, config.teacher, shape["hidden_size"],
-                                                            shape["use_moe"])
-        if not folder and not os.path.isfile(source):
-            raise TrainingError(f"no teacher weights at {source}: pass --teacher PREFIX with the teacher's "
-                                "--teacher_hidden_size/--teacher_num_hidden_layers/--teacher_use_moe, or a folder")
+        source = config.teacher if folder else self._native_weights(
+            "teacher weights", config.teacher, shape["hidden_size"], shape["use_moe"],
+            "pass --teacher PREFIX with the teacher's --teacher_hidden_size/--teacher_num_hidden_layers/"
+            "--teacher_use_moe, or a folder")
         try:
             teacher, tokenizer = load_model(load_from=source if folder else None, save_dir=config.out_dir,
                                             weight=config.teacher, vision_model=None if self.stage.vision else "none",
