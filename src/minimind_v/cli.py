@@ -18,12 +18,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "describe": ("minimind_v.describe", "describe every image in a folder (streamed, with tokens/s)"),
     "serve": ("minimind_v.serve", "OpenAI-compatible chat completions API with images"),
     "webui": ("minimind_v.webui", "Gradio chat web UI"),
-    "export": ("minimind_v.export", "write a self-contained transformers folder from native weights"),
+    "export": ("minimind_v.export", "export a model for transformers (remote code, Qwen3, LFM2-VL), llama.cpp "
+                                    "or ollama (GGUF), with a model card"),
     "plot": ("minimind_v.plot", "loss curves of a training run as a PNG"),
 }
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
-    "data": ("dataset tools: synth, preview", {
+    "data": ("dataset tools: synth, convert, preview", {
         "synth": ("minimind_v.synth", "generate a synthetic image question-answer parquet"),
+        "convert": ("minimind_v.convert", "convert LLaVA JSON, ShareGPT jsonl or a saved datasets dataset to our "
+                                          "parquet"),
         "preview": ("minimind_v.preview", "PNG grid of the first image/text pairs of a parquet"),
     }),
     "lora": ("LoRA adapters: merge", {
