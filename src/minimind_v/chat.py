@@ -26,8 +26,8 @@ HELP = ("commands: /image PATH (attach an image to the next message; repeat for 
 
 
 def load_engine(args) -> Engine:
-    """The model of the `add_model_arguments` flags (bf16 on CUDA), ready to chat."""
-    model, tokenizer = load_model(**model_options(args), dtype=inference_dtype(args.device))
+    """The model of the `add_model_arguments` flags (bf16 on CUDA, see `inference_dtype`), ready to chat."""
+    model, tokenizer = load_model(**model_options(args), dtype=inference_dtype(args.device, args.quantize))
     return Engine(model, tokenizer, max_prompt_tokens=args.max_seq_len)
 
 

@@ -86,7 +86,7 @@ def init_std(hidden_size: int) -> float:
 
 
 def default_cpu_dtype() -> str:
-    from .train import native_cpu_bf16
+    from .distributed import native_cpu_bf16
 
     return "bfloat16" if native_cpu_bf16() else "float32"
 

@@ -79,3 +79,11 @@ def all_reduce_sum(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
     if processes.active:
         dist.all_reduce(tensor)
     return tensor
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), so `--cpu_dtype bfloat16` pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

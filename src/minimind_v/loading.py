@@ -35,7 +35,8 @@ def build_model(config: MiniMindConfig, weights: str | None = None, vision_model
 
 def load_pretrained_folder(folder: str, vision_model: str | None = None, dtype: torch.dtype = torch.float32):
     """Load a folder written by `save_pretrained` (or `minimind-v export`). A `vision_model` replaces the
-    tower stored in the folder (or supplies one when the folder has none, as in reference exports)."""
+    tower stored in the folder (or supplies one when the folder has none, as in reference exports); `none`
+    drops it."""
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{folder!r} is not a transformers model folder (no config.json)")
@@ -43,7 +44,9 @@ def load_pretrained_folder(folder: str, vision_model: str | None = None, dtype: 
         model_type = json.load(f).get("model_type")
     cls = MiniMindVLM if model_type == VLMConfig.model_type else MiniMindForCausalLM
     model = cls.from_pretrained(folder, dtype=dtype)
-    if vision_model and isinstance(model, MiniMindVLM):
+    if vision_model == "none" and isinstance(model, MiniMindVLM):
+        model.vision_encoder = None  # text only, as with native weights
+    elif vision_model and isinstance(model, MiniMindVLM):
         tower_model = MiniMindVLM(model.config, vision_model_path=vision_model)
         model.vision_encoder = tower_model.vision_encoder
         model.image_processor = tower_model.image_processor
@@ -52,15 +55,20 @@ def load_pretrained_folder(folder: str, vision_model: str | None = None, dtype: 
 
 def export_pretrained(model: nn.Module, out_dir: str, tokenizer=None) -> None:
     """Write a self-contained transformers folder: config, safetensors weights (with the vision tower),
-    the model code for `trust_remote_code`, the image preprocessor config and the tokenizer. LoRA adapters
-    must be merged first (`lora.merge_lora`): the folder holds plain weights."""
+    the model code for `trust_remote_code`, the image preprocessor config and the tokenizer; for a VLM with a
+    tokenizer also the `AutoProcessor` (processor.py, processor_config.json, a chat template that renders image
+    parts). LoRA adapters must be merged first (`lora.merge_lora`): the folder holds plain weights."""
+    from .processor import MiniMindVProcessor
+
     model = unwrap(model)
     if adapters(model):
         raise ValueError("the model carries LoRA adapters: merge them first (minimind-v lora merge)")
     model.save_pretrained(out_dir)
     if isinstance(model, MiniMindVLM) and model.vision_encoder is not None:
         model.image_processor.save_pretrained(out_dir)
-    if tokenizer is not None:
+    if isinstance(model, MiniMindVLM) and tokenizer is not None:
+        MiniMindVProcessor.from_config(model.config, tokenizer).save_pretrained(out_dir)  # writes the tokenizer too
+    elif tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
 
@@ -103,11 +111,14 @@ def vlm_config(vision_model: str | None, hidden_size: int, num_hidden_layers: in
 def load_model(load_from: str | None = None, save_dir: str = "out", weight: str = "sft_vlm", hidden_size: int = 768,
                num_hidden_layers: int = 8, use_moe: bool = False, vision_model: str | None = None,
                tokenizer: str = "model", lora: str | None = None, device: str = "cpu",
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, quantize: str = "none"):
     """(model in eval mode on `device`, tokenizer): a transformers folder (`load_from`, with its own tokenizer
     when it has one) or native weights `{save_dir}/{weight}_{hidden}[_moe].pth` with a tower (`vision_model`,
     default: the tower trained with the weights, else DEFAULT_TOWER; `none`: text only, which also takes
-    LLM-only weights). `lora` applies an adapter (PEFT folder or reference .pth) without merging it."""
+    LLM-only weights). `lora` applies an adapter (PEFT folder or reference .pth) without merging it, unless
+    `quantize` (`quantize.METHODS`) makes the decoder layers int8: then the adapter is merged first."""
+    from .lora import merge_lora
+    from .quantize import quantize_decoder
     from .tokenizer import load_tokenizer
 
     if load_from:
@@ -127,7 +138,10 @@ def load_model(load_from: str | None = None, save_dir: str = "out", weight: str 
                             optional_prefixes=("vision_proj.",) if vision == "none" else ())
     if lora:
         load_adapter(model, lora)
-    return model.to(device=device, dtype=dtype).eval(), loaded_tokenizer
+        if quantize != "none":
+            merge_lora(model)
+    model = model.to(device=device, dtype=dtype).eval()
+    return quantize_decoder(model, quantize), loaded_tokenizer
 
 
 def _has_tower(folder: str) -> bool:

@@ -29,6 +29,8 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("lora merge: pass --lora with the adapter to merge (a PEFT folder or a reference .pth)")
     if not (args.out_weight or args.out):
         raise SystemExit("lora merge: pass --out_weight NAME (reference .pth), --out FOLDER (transformers), or both")
+    if args.quantize != "none":
+        raise SystemExit("lora merge: --quantize is for inference; merged weights are written in full precision")
     try:
         model, tokenizer = load_model(**{**model_options(args), "device": "cpu"})
     except (OSError, ValueError) as err:

@@ -7,10 +7,11 @@ import argparse
 
 from .distributed import default_device
 from .generate import GenerationConfig
+from .quantize import INSTALL_HINT, METHODS, backend_available
 from .weights import DEFAULT_TOWER
 
 MODEL_OPTIONS = ("load_from", "save_dir", "weight", "hidden_size", "num_hidden_layers", "use_moe", "vision_model",
-                 "tokenizer", "lora", "device")
+                 "tokenizer", "lora", "device", "quantize")
 
 
 def add_shape_arguments(group) -> None:
@@ -40,6 +41,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, weight: str = "sft_vlm"
                        help="apply a LoRA adapter without merging it: a folder written by training with "
                             "--lora_rank (PEFT format) or a reference {lora_name}_{hidden}.pth")
     group.add_argument("--device", default=default_device())
+    group.add_argument("--quantize", default="none", choices=METHODS, type=quantize_method,
+                       help="int8: weight-only int8 decoder layers (tower, projector, embeddings and lm_head stay "
+                            "in full precision); a --lora adapter is merged first")
+
+
+def quantize_method(value: str) -> str:
+    """`--quantize`, refused before any model is loaded when its library is missing."""
+    if value in METHODS[1:] and not backend_available():
+        raise argparse.ArgumentTypeError(INSTALL_HINT)
+    return value
 
 
 def model_options(args: argparse.Namespace) -> dict:

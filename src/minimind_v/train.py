@@ -196,14 +196,6 @@ def cpu_threads() -> int:
     return max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def native_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), so `--cpu_dtype bfloat16` pays."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def cpu_cores() -> int:
     """Cores this process may run on (a container's CPU set, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
