@@ -41,3 +41,16 @@ def test_readme_quick_start(tmp_path, monkeypatch, tiny_tokenizer, capsys):
     assert sorted(namespace["untouched"]) == sorted(f"vision_proj.mlp.{i}.{p}" for i in (0, 1, 3)
                                                     for p in ("weight", "bias"))
     assert "torch.Size([1," in capsys.readouterr().out
+
+
+def test_readme_export_quickstart_runs_on_an_exported_folder(tmp_path, monkeypatch, tiny_model_dir, capsys):
+    """The README's transformers quickstart, as written, on a folder `minimind-v export` wrote."""
+    code = re.search(r"### Export.*?```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, "minimind-3v")
+    Image.fromarray(samples.chelsea()).save("photo.jpg")
+    namespace: dict = {}
+    exec(compile(code, "README export quickstart", "exec"), namespace)
+    assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
+    assert (namespace["inputs"]["input_ids"] == 12).sum().item() == 64
+    assert capsys.readouterr().out.strip()
