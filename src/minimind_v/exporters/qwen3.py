@@ -163,11 +163,13 @@ def with_chat_template(tokenizer):
 
 
 def drop_auto_map(path: str) -> None:
-    """A tokenizer loaded from one of our remote-code folders may carry an `auto_map`; the export has no code."""
+    """A tokenizer loaded from one of our remote-code folders may carry an `auto_map` and our `processor_class`;
+    the export has no code."""
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    if data.pop("auto_map", None) is not None:
+    dropped = [data.pop(key, None) for key in ("auto_map", "processor_class")]
+    if any(value is not None for value in dropped):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, indent=2)
