@@ -11,6 +11,8 @@ $(BIN)/minimind-v: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PIN)
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[llama]" || echo "warning: llama-cpp-python did not build (it compiles llama.cpp:" \
+		"needs gcc, g++, cmake); the GGUF tests that load files in llama.cpp will be skipped" >&2
 	touch $@
 
 setup: $(BIN)/minimind-v

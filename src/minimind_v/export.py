@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .exporters.gguf import QUANTS
+from .exporters import QUANTS
 from .loading import export_pretrained, load_model
 from .lora import merge_lora
 from .options import add_model_arguments, model_options

@@ -27,11 +27,8 @@ except ImportError as missing:
 
 from ..tokenizer import CHAT_TEMPLATE, IM_END, IM_START
 from ..weights import unwrap
+from . import DIRECT_QUANTS, LLAMA_CPP_QUANTS, QUANTS
 from .qwen3 import check_exportable, decoder_state_dict, rope_parameters
-
-DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0")
-LLAMA_CPP_QUANTS = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
-QUANTS = DIRECT_QUANTS + LLAMA_CPP_QUANTS
 
 # Our ByteLevel pre-tokenizer splits with the GPT-2 regex, which llama.cpp knows as "gpt-2".
 GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
