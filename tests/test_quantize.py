@@ -237,3 +237,22 @@ def test_int8_computes_in_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
     assert inference_dtype("cpu") == torch.float32
     monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: False)
     assert inference_dtype("cpu", "int8") == torch.float32
+
+
+def test_quanto_config_on_an_lfm2_vl_export(tiny_tokenizer, tmp_path):
+    """The transformers-native VLM folder takes a QuantoConfig too, tower and projector kept in full precision."""
+    from transformers import AutoModelForImageTextToText, QuantoConfig
+
+    from minimind_v.exporters.lfm2_vl import LFM2_VL_KEEP_FULL_PRECISION, export_lfm2_vl, lfm2_vl_pixels
+
+    model = lively(len(tiny_tokenizer))
+    export_lfm2_vl(model, tiny_tokenizer, str(tmp_path))
+    config = QuantoConfig(weights="int8", modules_to_not_convert=LFM2_VL_KEEP_FULL_PRECISION)
+    native = AutoModelForImageTextToText.from_pretrained(str(tmp_path), quantization_config=config).eval()
+    quantized = set(quantized_modules(native))
+    assert quantized == {name.replace("model.layers.", "model.language_model.layers.")
+                         for name in decoder_linears(model)}
+    ids, pixels = sample_inputs(model)
+    with torch.no_grad():
+        theirs = native(input_ids=ids, **lfm2_vl_pixels(pixels, model.vision_encoder.config.patch_size)).logits
+    assert cosine(theirs.float(), logits_of(model, ids, pixels)) > 0.99

@@ -31,6 +31,11 @@ from .qwen3 import decoder_state_dict, drop_auto_map, fuse_experts, qwen3_config
 PROJECTOR_NAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}  # our nn.Sequential index -> LFM2-VL name
 
 
+# `QuantoConfig(modules_to_not_convert=...)` for int8 decoder weights on an exported folder, as `--quantize int8`:
+# tower, projector, embeddings, lm_head and the MoE router stay in full precision.
+LFM2_VL_KEEP_FULL_PRECISION = ["model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens",
+                               "lm_head", "mlp.gate"]
+
 def check_exportable(model: nn.Module) -> None:
     """ValueError when `model` has no LFM2-VL equivalent (nothing has been written yet)."""
     if adapters(model):
