@@ -166,12 +166,13 @@ def test_every_bad_row_reason_is_skipped_and_counted(tmp_path, images):
         "image_mismatch": {"conversations": [human("<image><image>Q?"), gpt("A.")], "image": "red_circle.png"},
         "missing_image": {"conversations": [human("<image>Q?"), gpt("A.")], "image": "missing.png"},
         "bad_image": {"conversations": [human("<image>Q?"), gpt("A.")], "image": "broken.png"},
+        "invalid_text": '{"conversations": [{"from": "human", "value": "Q\\ud800?"}, {"from": "gpt", "value": "A."}]}',
     }
     assert set(bad) == set(REASONS)
     lines = [json.dumps(good)] + [r if isinstance(r, str) else json.dumps(r) for r in bad.values()]
     (tmp_path / "img" / "mixed.jsonl").write_text("\n".join(lines))
     stats, out = run(tmp_path, tmp_path / "img" / "mixed.jsonl")
-    assert (stats.read, stats.written) == (10, 1)
+    assert (stats.read, stats.written) == (11, 1)
     assert stats.skipped == Counter(list(bad))
     assert "missing_image: 1 (an image is not a file" in convert.summary(stats)
     with pytest.raises(ConvertError, match="more than --max_bad_fraction"):

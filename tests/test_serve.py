@@ -10,7 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -51,34 +54,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def running_server(model_dir, log_dir: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`minimind-v serve` on a free port of 127.0.0.1 (CPU), its log in `log_dir` (a pipe nobody reads would
+    fill up and block the server): (base_url, process)."""
+    port = free_port()
+    log_path = log_dir / f"serve-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "minimind_v", "serve", "--load_from", str(model_dir), "--port", str(port),
+             "--device", "cpu", *flags],
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"the server did not start:\n{log_path.read_text()}")
+            time.sleep(0.3)
+        yield base_url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """A server process on a free port (with an API key and small limits): (base_url, local image folder)."""
     local = tmp_path_factory.mktemp("local_images")
     picture(5).save(local / "cat.png")
-    port = free_port()
     flags = [f"--{k}={v}" for k, v in LIMITS.items()]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "minimind_v", "serve", "--load_from", str(tiny_model_dir), "--port", str(port),
-         "--api_key", KEY, "--local_image_root", str(local), "--device", "cpu", "--max_batch", "8", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{process.communicate()[0]}")
-        time.sleep(0.3)
-    yield base_url, local
-    process.terminate()
-    process.wait(timeout=30)
+    with running_server(tiny_model_dir, local, "--api_key", KEY, "--local_image_root", str(local),
+                        "--max_batch", "8", *flags) as (base_url, _):
+        yield base_url, local
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +113,9 @@ def expected(engine, text: str, images=(), open_thinking=False, **config):
     return engine.generate([request], GenerationConfig(**{"do_sample": False, **config}))[0], request
 
 
-def test_health_models_and_api_key(server, client):
-    assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"
+def test_health_models_api_key_and_no_cors(server, client):
+    health = httpx.get(f"{server[0]}/health", headers={"Origin": "http://elsewhere.example"})
+    assert health.json()["status"] == "ok" and "access-control-allow-origin" not in health.headers
     assert [m.id for m in client.models.list()] == ["tiny-vlm"]
     stranger = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as caught:
@@ -218,6 +235,13 @@ BAD_REQUESTS = {
     "max_tokens over the limit": (dict(messages=user("?"), max_tokens=65), "invalid_value"),
     "image marker in text": (dict(messages=user("look: <image>")), None),
     "no messages": (dict(messages=[]), None),
+    "user content null": (dict(messages=[{"role": "user", "content": None}]), None),
+    "max_tokens as a string": (dict(messages=user("?"), max_tokens="5"), None),
+    "seed not an integer": (dict(messages=user("?"), seed=1.5), None),
+    "tool call of the wrong shape": (dict(messages=[*user("?"), {"role": "assistant", "tool_calls": [
+        {"function": "f"}]}]), None),
+    "tool parameters nested 600 deep": (dict(messages=user("?"), tools=[{"type": "function", "function": {
+        "name": "f", "parameters": json.loads('{"a": ' * 600 + "{}" + "}" * 600)}}]), None),
     "unknown role": (dict(messages=[{"role": "robot", "content": "hi"}]), None),
     "image in assistant turn": (dict(messages=[{"role": "assistant", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), None),
@@ -244,6 +268,10 @@ def test_malformed_json_and_streaming_errors_are_400(server):
     streamed = httpx.post(f"{server[0]}/v1/chat/completions", headers=headers,
                           content=json.dumps({"messages": user("x " * 500), "stream": True}))
     assert streamed.status_code == 400 and streamed.json()["error"]["code"] == "context_length_exceeded"
+    for content in ('"hi \\ud800"', '[{"type": "text", "text": "\\udfff"}]'):  # lone surrogates: no tokenizer
+        lone = httpx.post(f"{server[0]}/v1/chat/completions", headers=headers,
+                          content=b'{"messages": [{"role": "user", "content": ' + content.encode() + b"}]}")
+        assert lone.status_code == 400 and "lone surrogate" in lone.json()["error"]["message"]
 
 
 def test_tool_calls_are_parsed_from_the_answer():

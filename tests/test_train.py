@@ -77,6 +77,7 @@ def test_chained_stages_write_reference_files_that_load(chain):
     assert summary["steps"] == 3 and summary["samples"] == 12 and sum(summary["bad_rows"].values()) == 0
     metrics = [json.loads(line) for line in (chain / "runs" / "sft_vlm_64" / "metrics.jsonl").open()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(0 < m["padding_efficiency"] <= 1 for m in metrics)
+    assert all(m["bad_rows"] == 0 and m["bad_rows_by_reason"] == {} for m in metrics)
     parser = cli.argparse.ArgumentParser()
     add_model_arguments(parser)
     args = parser.parse_args(["--save_dir", str(out), "--hidden_size", "64", "--num_hidden_layers", "2",

@@ -136,6 +136,12 @@ class ChatEncoder:
         """Encode a conversation (for training) or a prompt (`generation_prompt`, optionally thinking first).
         `drop_empty_think` removes every empty think block (the reference's training augmentation)."""
         text = self.render(messages, images, tools, generation_prompt, open_thinking)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise EncodingError("invalid_text", "the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                                                    "escape), which no tokenizer can encode") from err
         if drop_empty_think:
             text = text.replace(EMPTY_THINK, "")
         ids = np.array(self._tokenize(turn_pieces(text)), dtype=np.int64)

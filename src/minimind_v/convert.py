@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .chat_encoder import count_markers
-from .samples import BAD_REASONS, BadSample, conversation, decode_record
+from .samples import BAD_REASONS, BadSample, check_text, conversation, decode_record
 from .synth import ROW_GROUP_SIZE, encode_image
 from .tokenizer import IMAGE_MARKER
 from .vision import load_image
@@ -40,8 +40,8 @@ QUESTION_COLUMNS = ("question", "query", "prompt", "instruction")
 ANSWER_COLUMNS = ("answer", "response", "output")
 IMAGE_COLUMNS = ("images", "image", "image_bytes")
 REASONS = {
-    **{key: BAD_REASONS[key] for key in ("invalid_json", "bad_conversation", "no_assistant_turn", "image_mismatch",
-                                         "bad_image")},
+    **{key: BAD_REASONS[key] for key in ("invalid_json", "invalid_text", "bad_conversation", "no_assistant_turn",
+                                         "image_mismatch", "bad_image")},
     "missing_field": "the row has no conversations / messages field and no question and answer",
     "unknown_role": f"a message's role is not one of {', '.join(ROLES)}",
     "empty_conversation": "the conversation has no message with text",
@@ -276,6 +276,7 @@ def convert_record(raw, columns: Columns, image_root: str, image_format: str = "
     if count_markers(messages) != len(refs):
         raise BadSample("image_mismatch")
     conversation(messages)  # the trainer's own checks
+    check_text(messages)
     return {"conversations": json.dumps(messages, ensure_ascii=False),
             "image_bytes": [stored_image(ref, image_root, image_format) for ref in refs]}
 

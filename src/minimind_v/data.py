@@ -70,26 +70,44 @@ class Chunk:
 
 
 def index_chunks(config: DataConfig) -> list[Chunk]:
-    """Chunks of every data file, from parquet metadata or one streaming pass over a jsonl file."""
-    chunks = []
+    """Chunks of every data file, from parquet metadata or one streaming pass over a jsonl file. Parquet files whose
+    footer (the index of their row groups) cannot be read are all named in one ValueError."""
+    chunks, unreadable = [], []
     for path in config.paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no data file at {path!r}")
         if path.endswith(".parquet"):
-            chunks += _parquet_chunks(path, config.fields)
+            try:
+                chunks += _parquet_chunks(path, config.fields)
+            except UnreadableFile as err:
+                unreadable.append(str(err))
         elif path.endswith(".jsonl"):
             chunks += _jsonl_chunks(path)
         else:
             raise ValueError(f"{path}: data files must be .parquet or .jsonl")
+    if unreadable:
+        raise ValueError(
+            "cannot read the footer of " + "; ".join(unreadable) + ". A parquet file locates its rows from its "
+            "footer, at its very end, so a truncated file (an interrupted download or copy) has no row that can "
+            "be found; re-download or rewrite it, or leave it out of --data_path"
+        )
     if not chunks:
         raise ValueError(f"no rows in {config.paths}")
     return chunks
 
 
+class UnreadableFile(Exception):
+    """A data file that cannot be indexed at all."""
+
+
 def _parquet_chunks(path: str, fields: tuple[str, ...]) -> list[Chunk]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise UnreadableFile(f"{path} ({err})") from err
     if fields[0] not in parquet.schema_arrow.names:
         raise ValueError(f"{path}: needs a `{fields[0]}` column, found {parquet.schema_arrow.names}")
     meta = parquet.metadata
@@ -114,6 +132,13 @@ def _jsonl_chunks(path: str) -> list[Chunk]:
     return chunks
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands for a row that could not be read from its file; `reason` is a key of BAD_REASONS."""
+
+    reason: str
+
+
 class RowReader:
     """Raw rows of chunks, one process's view. Parquet files are opened on first use (not pickled)."""
 
@@ -122,28 +147,44 @@ class RowReader:
         self._files: dict = {}
 
     def read(self, chunk: Chunk) -> list:
-        """The chunk's rows: parquet dicts of `fields`, or raw jsonl lines (decoded later, per row)."""
+        """The chunk's rows: parquet dicts of `fields`, or raw jsonl lines (decoded later, per row); `Unreadable` for
+        rows that cannot be read (the whole of a corrupt row group, the lines missing from a shortened file)."""
         if chunk.path.endswith(".parquet"):
             return self._read_parquet(chunk)
         with open(chunk.path, "rb") as f:
             f.seek(chunk.locator)
             lines = []
-            while len(lines) < chunk.rows:
-                line = f.readline()
-                if not line:
-                    raise ValueError(f"{chunk.path} changed while training: fewer lines than indexed")
+            while len(lines) < chunk.rows and (line := f.readline()):
                 if line.strip():
                     lines.append(line)
-        return lines
+        return lines + [Unreadable("truncated_file")] * (chunk.rows - len(lines))
 
     def _read_parquet(self, chunk: Chunk) -> list:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if chunk.path not in self._files:
-            self._files[chunk.path] = pq.ParquetFile(chunk.path)
-        parquet = self._files[chunk.path]
-        columns = [c for c in self.fields if c in parquet.schema_arrow.names]
-        return parquet.read_row_group(chunk.locator, columns=columns).to_pylist()
+        try:
+            if chunk.path not in self._files:
+                self._files[chunk.path] = pq.ParquetFile(chunk.path)
+            parquet = self._files[chunk.path]
+            columns = [c for c in self.fields if c in parquet.schema_arrow.names]
+            rows = parquet.read_row_group(chunk.locator, columns=columns).to_pylist()
+        except (OSError, pa.ArrowException):
+            rows = []
+        return rows if len(rows) == chunk.rows else [Unreadable("unreadable_row_group")] * chunk.rows
+
+
+def decode_row(raw) -> dict:
+    """A raw row of `RowReader.read` -> record dict, or BadSample. A jsonl line that is not JSON and has no newline
+    is the end of a file cut short."""
+    if isinstance(raw, Unreadable):
+        raise BadSample(raw.reason)
+    try:
+        return decode_record(raw)
+    except BadSample as err:
+        if isinstance(raw, bytes) and not raw.endswith(b"\n"):
+            raise BadSample("truncated_file") from err
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,7 +488,7 @@ class MicroBatches(torch.utils.data.Dataset):
     def _documents(self, position: int, window: int) -> list[Sample]:
         chunk_ids, rows, loaded = self._window(window)
         offset = position - int(self.order.window_start[window])
-        record = decode_record(loaded[int(chunk_ids[offset])][int(rows[offset])])
+        record = decode_row(loaded[int(chunk_ids[offset])][int(rows[offset])])
         rng = random.Random(f"{self.data.config.seed}:{self.order.epoch}:{position}")
         return self.data.builder.documents(record, rng)
 

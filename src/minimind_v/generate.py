@@ -154,9 +154,19 @@ class Decoder:
         self.finished |= (tokens == self.eos) | (self.steps >= self.limit)
         return tokens
 
-    def finish(self, row: int) -> None:
-        """Mark a row as done (e.g. a stop string appeared)."""
-        self.finished[row] = True
+    def keep(self, rows: Sequence[int]) -> None:
+        """Go on with `rows` only (in that order): the other rows stop being computed and their part of the KV
+        cache is freed. Cached decoding, after the first step (the images are encoded by then)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.finished.device)
+        self.cache.keys = [k.index_select(0, index) for k in self.cache.keys]
+        self.cache.values = [v.index_select(0, index) for v in self.cache.values]
+        self.configs = [self.configs[r] for r in rows]
+        self.generators = [self.generators[r] for r in rows]
+        for name in ("seen", "finished", "greedy", "eos", "filler", "limit", "_pending"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+        self.pixel_values = None
 
     @property
     def done(self) -> bool:
@@ -409,21 +419,21 @@ class Engine:
         decoder = Decoder(self.model, ids, mask, configs, self._pixels(requests), check_images=False)
         streams = [TextStream(self.tokenizer, c.stop) for c in configs]
         splitters = [ThinkingSplitter(r.open_thinking) for r in requests]
-        open_rows = set(range(len(requests)))
-        while open_rows:
+        live = list(range(len(requests)))  # the request row of each decoder row
+        while live:
             tokens = decoder.step().tolist()
-            for row in sorted(open_rows):
+            ended = set()
+            for row, token in zip(live, tokens):
                 config, stream = configs[row], streams[row]
-                ended_by_eos = tokens[row] == config.eos_token_id
-                reasoning, content = splitters[row].push("" if ended_by_eos else stream.push(tokens[row]))
+                ended_by_eos = token == config.eos_token_id
+                reasoning, content = splitters[row].push("" if ended_by_eos else stream.push(token))
                 if reasoning or content:
                     yield StreamEvent(row, content, reasoning)
                 stopped = cancelled is not None and cancelled(row)
                 if not (ended_by_eos or stream.stopped or stopped or len(stream.ids) >= config.max_new_tokens):
                     continue
                 reason = "cancelled" if stopped else "stop" if ended_by_eos or stream.stopped else "length"
-                decoder.finish(row)
-                open_rows.discard(row)
+                ended.add(row)
                 reasoning, content = splitters[row].push(stream.flush(), final=True)
                 if reasoning or content:
                     yield StreamEvent(row, content, reasoning)
@@ -432,6 +442,11 @@ class Engine:
                     text=answer, reasoning=reasoning, token_ids=list(stream.ids), finish_reason=reason,
                     prompt_tokens=len(prompts[row]), completion_tokens=len(stream.ids) + int(ended_by_eos),
                     seconds=time.perf_counter() - start))
+            if ended:  # finished and cancelled rows leave the batch: no more compute or KV memory for them
+                kept = [i for i, row in enumerate(live) if row not in ended]
+                live = [live[i] for i in kept]
+                if live:
+                    decoder.keep(kept)
 
     def generate(self, requests: Sequence[ChatRequest],
                  configs: GenerationConfig | Sequence[GenerationConfig]) -> list[Completion]:

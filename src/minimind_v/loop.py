@@ -25,8 +25,9 @@ from . import distributed
 from .checkpoint import set_rng_state
 from .data import Batch, loader
 from .samples import BAD_REASONS
-from .tracking import Progress, Tracker, format_metrics, format_summary, reference_line
+from .tracking import Progress, Tracker, format_bad_rows, format_metrics, format_summary, reference_line
 from .trainer import Trainer, TrainingError, ceil_div, seed_everything
+from .weights import atomic_write
 
 BAD_CHECK_ROWS = 256  # the bad-row fraction is enforced once this many rows were read (or at epoch end)
 
@@ -138,6 +139,8 @@ class Loop:
                                                 and self.state.global_step >= self.config.max_steps)
 
     def _save(self) -> None:
+        if self.tracker:
+            self.tracker.sync()
         self.trainer.save(int(self.sums.streak.item()))
         self.last_saved_step = self.state.global_step
 
@@ -291,19 +294,21 @@ class Loop:
         self.mark = (now, asdict(state))
         done = state.step - epoch_clock[1]
         remaining = (now - epoch_clock[0]) / max(done, 1) * (epoch_steps - state.step) / 60
+        bad = {reason: count for reason, count in state.bad.items() if count}  # counted on the host by `_count`
         line = reference_line(state.epoch, config.epochs, state.step, epoch_steps, loss, aux, self.lr, remaining)
         self.progress.write(f"{line}{format_metrics(objective_metrics)} | {tokens / since:.0f} tokens/s, "
                             f"{samples / since:.1f} samples/s, {step_seconds:.2f} s/step, "
                             f"pad_eff {tokens / max(processed, 1):.1%}"
-                            + (f", {int(means['nonfinite'])} non-finite steps skipped" if means["nonfinite"] else ""))
+                            + (f", {int(means['nonfinite'])} non-finite steps skipped" if means["nonfinite"] else "")
+                            + format_bad_rows(bad))
         if self.tracker:
             self.tracker.log({
                 "step": state.global_step, "epoch": state.epoch + 1, "loss": loss, "logits_loss": loss - aux,
                 "aux_loss": aux, **objective_metrics, "learning_rate": self.lr, "epoch_time": remaining,
                 "tokens_per_s": tokens / since, "samples_per_s": samples / since, "step_seconds": step_seconds,
                 "padding_efficiency": tokens / max(processed, 1), "nonfinite_steps": state.nonfinite_steps,
-                "bad_rows": sum(state.bad.values()), "samples": state.samples, "tokens": state.real_tokens,
-                "time": now - self.started,
+                "bad_rows": sum(bad.values()), "bad_rows_by_reason": bad, "samples": state.samples,
+                "tokens": state.real_tokens, "time": now - self.started,
             })
 
     def _summary(self) -> None:
@@ -321,5 +326,5 @@ class Loop:
         }
         if trainer.processes.is_main:
             print(format_summary(summary), flush=True)
-            with open(os.path.join(trainer.run_dir, "summary.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
+            atomic_write(os.path.join(trainer.run_dir, "summary.json"),
+                         lambda f: f.write(json.dumps(summary, indent=2).encode("utf-8")))

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chat_encoder import IGNORE, ChatEncoder, EncodingError, count_markers
+from .chat_encoder import IGNORE, ChatEncoder, Encoded, EncodingError, count_markers
 from .evaluate import normalize_answer
 from .vision import load_image
 
+# Larger images are refused before decoding: a small file can declare a huge image (a decompression bomb).
+MAX_IMAGE_PIXELS = 8192 * 8192
 # Reasons a row is skipped; reported in the log and the run summary.
 BAD_REASONS = {
     "missing_field": "the text / conversations / chosen / rejected field is missing or null",
@@ -32,13 +34,19 @@ BAD_REASONS = {
     "no_assistant_turn": "the conversation has no assistant turn",
     "empty_text": "the pretraining text is empty",
     "image_mismatch": "the number of <image> markers differs from the number of images",
-    "bad_image": "an image could not be decoded",
+    "bad_image": "an image could not be decoded (not image bytes, corrupt, truncated, or over 8192x8192 pixels)",
     "image_truncated": "--max_seq_len would cut an image's placeholder tokens",
     "answer_truncated": "--max_seq_len leaves no supervised token",
     "prompt_mismatch": "a preference pair's chosen and rejected conversations differ before their last answer",
     "no_user_turn": "a prompt does not end with a user message",
     "no_answer": "the exact_match reward needs an answer and the row has none",
     "prompt_too_long": "a prompt is longer than --max_seq_len",
+    "invalid_text": "a string holds a lone surrogate (an unpaired \\ud800-\\udfff JSON escape), which no tokenizer "
+                    "can encode",
+    "truncated_file": "the file ends inside the row: a jsonl file whose last line is cut short, or a file shortened "
+                      "after it was indexed",
+    "unreadable_row_group": "the row's parquet row group cannot be read (corrupt pages, or the file changed after it "
+                            "was indexed)",
 }
 # Identity prompts occasionally prepended to SFT conversations (the reference does the same with its own list).
 SYSTEM_PROMPTS = [
@@ -101,7 +109,7 @@ def decode_record(raw) -> dict:
         return raw
     try:
         record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # also bad UTF-8, nesting too deep, integers over 4300 digits
         raise BadSample("invalid_json") from err
     if not isinstance(record, dict):
         raise BadSample("invalid_json")
@@ -109,11 +117,12 @@ def decode_record(raw) -> dict:
 
 
 def image_list(value) -> list[bytes]:
-    """The `image_bytes` cell as a list of encoded images (binary, list of binary, or {"bytes": ...})."""
+    """The `image_bytes` cell as a list of encoded images (binary, list of binary, or {"bytes": ...}); an item of
+    another shape stays as it is and is refused as a bad image when decoded."""
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
-    return [item["bytes"] if isinstance(item, dict) else item for item in items]
+    return [item.get("bytes") if isinstance(item, dict) else item for item in items]
 
 
 def chat_images(record: dict, messages: list[dict]) -> list[bytes]:
@@ -138,10 +147,7 @@ def conversation(value, needs_assistant: bool = True) -> tuple[list[dict], list 
     if value is None:
         raise BadSample("missing_field")
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise BadSample("invalid_json") from err
+        value = _maybe_json(value)
     if not isinstance(value, list) or not value:
         raise BadSample("bad_conversation")
     messages = []
@@ -166,8 +172,26 @@ def _maybe_json(value):
         return value
     try:
         return json.loads(value)
-    except json.JSONDecodeError as err:
+    except (ValueError, RecursionError) as err:
         raise BadSample("invalid_json") from err
+
+
+def check_text(value) -> None:
+    """BadSample('invalid_text') when a string anywhere in `value` (nested lists and dicts, walked without recursion)
+    cannot be encoded as UTF-8: only a lone surrogate from a JSON escape such as "\\ud800" can't."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise BadSample("invalid_text") from err
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
 
 
 def accepted_answers(value) -> tuple[str, ...]:
@@ -206,7 +230,7 @@ class SampleBuilder:
         """One document of a text or chat row."""
         if self.kind == "text":
             return self._text(record)
-        messages, tools = conversation(record.get("conversations"))
+        messages, tools = self._conversation(record.get("conversations"))
         images = chat_images(record, messages) if self.encoder.image_token_len else []
         system, drop_think = self._augmentations(messages, tools, rng)
         ids, labels = self._encode(system + messages, tools, len(images), drop_think)
@@ -214,8 +238,8 @@ class SampleBuilder:
 
     def build_pair(self, record: dict, rng: random.Random) -> tuple[Sample, Sample]:
         """(chosen, rejected) documents of a preference row."""
-        chosen, tools = conversation(record.get("chosen"))
-        rejected, rejected_tools = conversation(record.get("rejected"))
+        chosen, tools = self._conversation(record.get("chosen"))
+        rejected, rejected_tools = self._conversation(record.get("rejected"))
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise BadSample("no_assistant_turn")
         if chosen[:-1] != rejected[:-1] or tools != rejected_tools:
@@ -231,7 +255,7 @@ class SampleBuilder:
     def build_prompt(self, record: dict, rng: random.Random) -> Prompt:
         """The generation prompt of a prompt row; thinking is opened with probability `thinking_ratio` (as the
         reference's RLAIF data does)."""
-        messages, tools = conversation(record.get("conversations"), needs_assistant=False)
+        messages, tools = self._conversation(record.get("conversations"), needs_assistant=False)
         final = messages[-1]
         if final["role"] == "assistant":
             messages = messages[:-1]
@@ -247,14 +271,18 @@ class SampleBuilder:
         system, _ = self._augmentations(messages, tools, rng)
         open_thinking = rng.random() < self.thinking_ratio
         seed = rng.getrandbits(63)
-        try:
-            encoded = self.encoder.encode(system + messages, len(images), tools, generation_prompt=True,
-                                          open_thinking=open_thinking)
-        except EncodingError as err:
-            raise BadSample(err.reason) from err
+        encoded = self._checked_encode(system + messages, len(images), tools, generation_prompt=True,
+                                       open_thinking=open_thinking)
         if len(encoded.ids) > self.max_seq_len:
             raise BadSample("prompt_too_long")
         return Prompt(encoded.ids, self._pixels(images), system + messages, open_thinking, answers, seed)
+
+    @staticmethod
+    def _conversation(value, needs_assistant: bool = True) -> tuple[list[dict], list | None]:
+        """`conversation`, refusing text the tokenizer cannot encode."""
+        messages, tools = conversation(value, needs_assistant)
+        check_text([messages, tools])
+        return messages, tools
 
     def _augmentations(self, messages: list[dict], tools, rng: random.Random) -> tuple[list[dict], bool]:
         """The reference's random system prompt (none with tools or an own system message) and empty-think
@@ -272,6 +300,7 @@ class SampleBuilder:
             raise BadSample("missing_field")
         if not text.strip():
             raise BadSample("empty_text")
+        check_text(text)
         tokens = self.tokenizer(text, max_length=self.max_seq_len - 2, truncation=True).input_ids
         tok = self.tokenizer
         ids = np.array([tok.bos_token_id, *tokens, tok.eos_token_id], dtype=np.int64)
@@ -281,10 +310,7 @@ class SampleBuilder:
 
     def _encode(self, messages: list[dict], tools, images: int, drop_think: bool) -> tuple[np.ndarray, np.ndarray]:
         """(ids, labels) cut to max_seq_len; BadSample when the cut splits an image or leaves nothing to learn."""
-        try:
-            encoded = self.encoder.encode(messages, images, tools, drop_empty_think=drop_think)
-        except EncodingError as err:
-            raise BadSample(err.reason) from err
+        encoded = self._checked_encode(messages, images, tools, drop_empty_think=drop_think)
         ids, labels = encoded.ids[: self.max_seq_len], encoded.labels[: self.max_seq_len]
         block = self.encoder.image_token_len
         if block and np.count_nonzero(ids == self.encoder.image_id) != images * block:
@@ -293,12 +319,23 @@ class SampleBuilder:
             raise BadSample("answer_truncated")
         return ids, labels
 
+    def _checked_encode(self, messages: list[dict], images: int, tools, **options) -> Encoded:
+        try:
+            return self.encoder.encode(messages, images, tools, **options)
+        except EncodingError as err:
+            raise BadSample(err.reason) from err
+        except RecursionError as err:  # nesting too deep for the template, e.g. a content of lists in lists
+            raise BadSample("bad_conversation") from err
+
     def _pixels(self, images: list[bytes]) -> np.ndarray | None:
         """Encoded images -> [N, 3, size, size] (None without images); BadSample when any cannot be decoded (as
         `load_image` decides)."""
         if not images:
             return None
+        if not all(isinstance(data, bytes) for data in images):
+            raise BadSample("bad_image")
         try:
-            return np.stack([self.image_processor.pixels(load_image(io.BytesIO(data))) for data in images])
+            return np.stack([self.image_processor.pixels(load_image(io.BytesIO(data), MAX_IMAGE_PIXELS))
+                             for data in images])
         except ValueError as err:
             raise BadSample("bad_image") from err

@@ -1,9 +1,11 @@
 """`minimind-v serve`: an OpenAI-compatible chat completions API with images (FastAPI + uvicorn).
 
 Endpoints: `POST /v1/chat/completions` (OpenAI schema; images as `image_url` parts holding `data:` base64
-URLs), `GET /v1/models`, `GET /health`. One worker thread owns the model: the requests waiting when it
-becomes free are decoded together as one left-padded batch, later ones queue. Bad requests get a 400 with
-an OpenAI error body, a wrong or missing key (with `--api_key`) a 401.
+URLs), `GET /v1/models`, `GET /health`, and the OpenAPI schema of exactly what they accept at `/openapi.json`.
+One worker thread owns the model: the requests waiting when it becomes free are decoded together as one
+left-padded batch, later ones queue; a row leaves the batch as soon as it ends or its client leaves. Every
+error gets an OpenAI error body: 400 for a bad request, 401 for a wrong or missing key (with `--api_key`), 413
+for a body over the limit, 429 when the queue is full, 504 past `--request_timeout`.
 """
 
 from __future__ import annotations
@@ -21,30 +23,41 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, Any, BinaryIO, Literal
+
+from PIL import Image
 
 from .chat import load_engine_or_exit
 from .generate import ChatRequest, Completion, Engine, GenerationConfig, PromptTooLong, StreamEvent
 from .options import add_model_arguments
 from .tokenizer import IMAGE_MARKER
-from .vision import load_image
+from .vision import to_rgb
 from .weights import run_name
 
 try:
+    import anyio
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Request, Security
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+    from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as missing:
     raise SystemExit(f"`minimind-v serve` needs FastAPI and uvicorn ({missing}): "
                      "pip install 'minimind-v[serve]'") from missing
 
-ROLES = {"system", "developer", "user", "assistant", "tool"}
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.92  # the reference server's defaults
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # the formats OpenAI accepts; PIL tries no other decoder on them
+BEARER = HTTPBearer(auto_error=False)  # `Authorization: Bearer KEY`, checked by `Api.authorize`
 
 
 class ApiError(Exception):
@@ -58,46 +71,257 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 @dataclass
 class Limits:
-    """What one request may ask for."""
+    """What one request may ask for, and how long it may take."""
 
     max_images: int = 8
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_tokens: int = 8192
     local_image_root: str | None = None
+    max_messages: int = 256
+    max_body_bytes: int | None = None  # None: room for max_images base64 images and 1 MiB of text
+    max_queue: int = 256
+    request_timeout: float = 600.0
+    send_timeout: float = 30.0
 
-    @property
-    def max_body_bytes(self) -> int:
-        return self.max_images * (self.max_image_bytes * 4 // 3 + 1024) + 2**20
+    def __post_init__(self):
+        if self.max_body_bytes is None:
+            self.max_body_bytes = self.max_images * (self.max_image_bytes * 4 // 3 + 1024) + 2**20
 
 
-class ChatCompletionBody(BaseModel):
-    """The request fields this server reads; other OpenAI fields (user, logprobs, ...) are ignored."""
+# The request schema. Strict: JSON types are not coerced ("5" is not an int), so the schema is what is accepted;
+# fields not listed (user, logprobs, ...) are ignored.
+class Fields(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
-    model_config = ConfigDict(extra="ignore")
 
-    messages: list[dict] = Field(min_length=1)
+class TextPart(Fields):
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(Fields):
+    url: str = Field(description="a data:image/...;base64 URL (PNG, JPEG, WEBP or GIF; an animated image gives its "
+                                 "first frame), or a file under --local_image_root")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(Fields):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(Fields):
+    name: str
+    arguments: str
+
+
+class ToolCall(Fields):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class FunctionSpec(Fields):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Fields):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class SystemMessage(Fields):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+
+
+class UserMessage(Fields):
+    role: Literal["user"]
+    content: str | list[Part]
+
+
+class AssistantMessage(Fields):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(Fields):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+MESSAGES = TypeAdapter(list[Message])
+
+
+class StreamOptions(Fields):
+    include_usage: bool = False
+
+
+# A request with a 2x2 PNG: shown in /openapi.json, and sent by the examples phase of schemathesis.
+EXAMPLE = {"max_tokens": 8, "messages": [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAF"
+                                               "klEQVR42mM8ISfHwMDAxMDAwMDAAAANBAEIf62CUQAAAABJRU5ErkJggg=="}},
+    {"type": "text", "text": "What is in the picture?"}]}]}
+
+
+class ChatCompletionBody(Fields):
+    """A chat completion request. The server's own limits (messages, images, prompt tokens, max_tokens) come on
+    top of this schema and are answered with a 400 naming them."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE]})
+    messages: list[Message] = Field(min_length=1)
     model: str | None = None
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
-    stop: str | list[str] | None = None
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # beyond these float32 logits overflow
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = None
     n: int | None = Field(None, ge=1, le=1)
-    tools: list[dict] | None = None
+    tools: list[Tool] | None = None
     open_thinking: bool = False
-    chat_template_kwargs: dict | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+# The response schema (for /openapi.json; the handlers build the same shapes as dicts). Closed: every field sent
+# is listed.
+class Sent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(Sent):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(Sent):
+    error: ErrorDetail
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+class Reply(Sent):
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(Sent):
+    index: int
+    message: Reply
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class Usage(Sent):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(Sent):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ToolCallDelta(ToolCall):
+    index: int
+
+
+class Delta(Sent):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(Sent):
+    index: int
+    delta: Delta
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class ChatCompletionChunk(Sent):
+    """One server-sent event of a stream; the last one, with `stream_options.include_usage`, has no choices and
+    the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(Sent):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Sent):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(Sent):
+    status: Literal["ok"]
+    model: str
+    queued: int
+    active: int
+    largest_batch: int
+
+
+def error_param(error: dict, data: Any) -> str | None:
+    """The input location of a pydantic error as OpenAI names it (`messages[0].content`), without the union
+    labels pydantic adds to `loc` (`user`, `str`, ...): only the keys found in the input are kept."""
+    param, node = "", data
+    for i, key in enumerate(error["loc"]):
+        if isinstance(node, dict) and key in node or isinstance(node, list) and isinstance(key, int) and \
+                key < len(node):
+            param += f"[{key}]" if isinstance(key, int) else f".{key}" if param else str(key)
+            node = node[key]
+        elif error["type"] == "missing" and i == len(error["loc"]) - 1:
+            param += f".{key}" if param else str(key)
+    return param or None
+
+
+def invalid(errors: Sequence[dict], data: Any) -> ApiError:
+    """Pydantic errors on `data` -> one 400 about the first bad location (all its messages)."""
+    param = error_param(errors[0], data)
+    text = "; ".join(dict.fromkeys(e["msg"] for e in errors if error_param(e, data) == param))
+    return ApiError(f"{param}: {text}" if param else f"the request body: {text}", param)
 
 
 @dataclass
@@ -108,7 +332,26 @@ class Parsed:
     include_usage: bool
 
 
-def decode_image_url(url: str, limits: Limits, param: str):
+def read_image(source: str | BinaryIO, limits: Limits, param: str) -> Image.Image:
+    """A PNG, JPEG, WEBP or GIF as RGB. The size comes from the header and is checked before anything is decoded
+    (no decompression bomb gets decoded); an animated image gives its first frame only."""
+    try:
+        with Image.open(source, formats=IMAGE_FORMATS) as image:
+            if image.width * image.height > limits.max_image_pixels:
+                raise ApiError(f"the image is {image.width}x{image.height} pixels, more than the limit of "
+                               f"{limits.max_image_pixels}", param, "image_too_large")
+            image.load()
+            rgb = to_rgb(image)
+            return rgb.copy() if rgb is image else rgb  # the file closes with the `with`
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as err:  # over PIL's own limit, found while reading the header
+        raise ApiError(f"the image is too large: {err}", param, "image_too_large") from err
+    except Exception as err:  # PIL signals bad files with many exception types
+        raise ApiError(f"the image could not be read: {type(err).__name__}: {err}", param, "invalid_image") from err
+
+
+def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
     """An `image_url` -> RGB PIL image: `data:` base64 URLs, or local files under `--local_image_root`."""
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
@@ -118,18 +361,14 @@ def decode_image_url(url: str, limits: Limits, param: str):
             raise ApiError(f"an image is larger than the limit of {limits.max_image_bytes} bytes", param,
                            "image_too_large")
         try:
-            data = io.BytesIO(base64.b64decode(payload, validate=True))
+            data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as err:
             raise ApiError(f"the image data URL is not valid base64: {err}", param, "invalid_image_url") from err
-    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+        return read_image(io.BytesIO(data), limits, param)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
         raise ApiError("remote image URLs are not fetched by this server; send the image inline as a data URL "
                        "(data:image/jpeg;base64,...)", param, "unsupported_image_url")
-    else:
-        data = local_image_path(url.removeprefix("file://"), limits, param)
-    try:
-        return load_image(data, max_pixels=limits.max_image_pixels)
-    except ValueError as err:
-        raise ApiError(f"the image could not be read: {err.__cause__ or err}", param, "invalid_image") from err
+    return read_image(local_image_path(url.removeprefix("file://"), limits, param), limits, param)
 
 
 def local_image_path(path: str, limits: Limits, param: str) -> str:
@@ -137,7 +376,10 @@ def local_image_path(path: str, limits: Limits, param: str) -> str:
         raise ApiError("local file paths are refused; start the server with --local_image_root DIR to allow "
                        "files under DIR, or send the image as a data URL", param, "unsupported_image_url")
     root = os.path.realpath(limits.local_image_root)
-    full = os.path.realpath(os.path.join(root, path))
+    try:
+        full = os.path.realpath(os.path.join(root, path))
+    except ValueError as err:  # a NUL byte in the path
+        raise ApiError(f"not a file path: {err}", param, "invalid_image") from err
     if os.path.commonpath([root, full]) != root:
         raise ApiError(f"{path!r} is outside --local_image_root", param, "unsupported_image_url")
     if not os.path.isfile(full):
@@ -148,82 +390,66 @@ def local_image_path(path: str, limits: Limits, param: str) -> str:
     return full
 
 
-def message_text(content, param: str, allow_images: bool, limits: Limits, images: list) -> str:
-    """A message's content (string or list of parts) as text, images replaced by `<image>` markers."""
-    if content is None or isinstance(content, str):
-        parts = [{"type": "text", "text": content or ""}]
-    elif isinstance(content, list):
-        parts = content
-    else:
-        raise ApiError("content must be a string or a list of parts", param)
+def message_text(content: str | list[TextPart | ImagePart] | None, param: str, limits: Limits, images: list) -> str:
+    """A validated message content as text; its images are read into `images` and replaced by `<image>` markers."""
     pieces = []
-    for i, part in enumerate(parts):
+    for i, part in enumerate(content if isinstance(content, list) else [content or ""]):
         where = f"{param}[{i}]" if isinstance(content, list) else param
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            if IMAGE_MARKER in part["text"]:
-                raise ApiError(f"text may not contain {IMAGE_MARKER}; send images as image_url parts", where)
-            pieces.append(part["text"])
-        elif kind == "image_url" and allow_images:
-            spec = part.get("image_url")
-            url = spec.get("url") if isinstance(spec, dict) else spec
-            if not isinstance(url, str):
-                raise ApiError("an image_url part needs {'url': ...}", where)
+        if isinstance(part, ImagePart):
             if len(images) >= limits.max_images:
                 raise ApiError(f"more than {limits.max_images} images in one request", where, "too_many_images")
-            images.append(decode_image_url(url, limits, where))
+            images.append(decode_image_url(part.image_url.url, limits, f"{where}.image_url.url"))
             pieces.append(IMAGE_MARKER)
-        elif kind == "image_url":
-            raise ApiError("images are accepted in user messages only", where)
-        else:
-            raise ApiError(f"unsupported content part {kind!r}; use text or image_url parts", where)
+            continue
+        text = part if isinstance(part, str) else part.text
+        if IMAGE_MARKER in text:
+            raise ApiError(f"text may not contain {IMAGE_MARKER}; send images as image_url parts", where)
+        pieces.append(text)
     return "".join(pieces)
 
 
-def parse_messages(messages: list[dict], limits: Limits) -> tuple[list[dict], list]:
-    """OpenAI messages -> (chat-template messages with `<image>` markers, images in order)."""
+def parse_messages(messages: Any, limits: Limits) -> tuple[list[dict], list]:
+    """OpenAI messages (decoded JSON, or already validated) -> (chat-template messages with `<image>` markers,
+    images in order), or ApiError."""
+    try:
+        messages = MESSAGES.validate_python(messages)
+    except ValidationError as err:
+        raise invalid([e | {"loc": ("messages", *e["loc"])} for e in err.errors()], {"messages": messages}) from err
+    if len(messages) > limits.max_messages:
+        raise ApiError(f"more than {limits.max_messages} messages in one request", "messages", "too_many_messages")
     parsed, images = [], []
     for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        role = message.get("role")
-        if role not in ROLES:
-            raise ApiError(f"role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
-        text = message_text(message.get("content"), f"{param}.content", role == "user", limits, images)
-        entry = {"role": "system" if role == "developer" else role, "content": text}
-        for key in ("reasoning_content", "tool_calls"):
-            if message.get(key):
-                entry[key] = message[key]
+        entry = {"role": "system" if message.role == "developer" else message.role,
+                 "content": message_text(message.content, f"messages[{i}].content", limits, images)}
+        if isinstance(message, AssistantMessage) and message.reasoning_content:
+            entry["reasoning_content"] = message.reasoning_content
+        if isinstance(message, AssistantMessage) and message.tool_calls:
+            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
         parsed.append(entry)
     return parsed, images
 
 
-def parse_body(data, limits: Limits) -> Parsed:
-    """A decoded JSON body -> what to generate, or ApiError."""
-    try:
-        body = ChatCompletionBody.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(f"{where}: {first['msg']}" if where else first["msg"], where) from err
+def parse_body(body: ChatCompletionBody, limits: Limits) -> Parsed:
+    """A validated body -> what to generate, or ApiError for what the schema cannot say (this server's limits,
+    images that cannot be read)."""
     max_tokens = body.max_tokens or body.max_completion_tokens or limits.max_tokens
     if max_tokens > limits.max_tokens:
         raise ApiError(f"max_tokens is {max_tokens}, more than this server's limit of {limits.max_tokens}",
                        "max_tokens", "invalid_value")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4:
-        raise ApiError("stop may hold at most 4 strings", "stop")
     messages, images = parse_messages(body.messages, limits)
     options = body.chat_template_kwargs or {}
     thinking = bool(body.open_thinking or options.get("open_thinking") or options.get("enable_thinking"))
     config = GenerationConfig(
-        max_new_tokens=max_tokens, stop=stop, seed=body.seed,
+        max_new_tokens=max_tokens, stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        seed=None if body.seed is None else body.seed % 2**64,  # any int; a torch.Generator takes 64 bits
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
-        top_k=50 if body.top_k is None else body.top_k,
+        top_k=50 if body.top_k is None else min(body.top_k, 2**31),  # k past the vocabulary keeps every token
         repetition_penalty=body.repetition_penalty or 1.0,
     )
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return Parsed(ChatRequest(messages, images, thinking, body.tools), config, body.stream, include_usage)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return Parsed(ChatRequest(messages, images, thinking, tools), config, body.stream, include_usage)
 
 
 def split_tool_calls(text: str) -> tuple[str, list[dict]]:
@@ -237,28 +463,40 @@ def split_tool_calls(text: str) -> tuple[str, list[dict]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             return match.group(0)
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
+                      "function": {"name": str(name), "arguments": json.dumps(arguments, ensure_ascii=False)}})
         return ""
 
     rest = TOOL_CALL.sub(take, text)
     return (rest.strip() if calls else text), calls
 
 
-ACCEPTED = object()  # the worker's first message to a job whose prompt is valid
+class ClientGone(Exception):
+    pass
 
 
 @dataclass
 class Job:
-    """One request in flight. The worker thread sends it ACCEPTED or an ApiError, then StreamEvents."""
+    """One request in flight. The worker thread sends it StreamEvents, or an ApiError when its batch failed."""
 
-    request: ChatRequest
-    config: GenerationConfig
+    parsed: Parsed
+    prompt: list[int]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
 
     def send(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    async def next(self) -> StreamEvent:
+        event = await self.events.get()
+        if isinstance(event, Exception):
+            raise event
+        return event
+
+    async def completion(self) -> Completion:
+        while (event := await self.next()).completion is None:
+            pass
+        return event.completion
 
 
 class Worker:
@@ -268,6 +506,7 @@ class Worker:
         self.engine, self.max_batch = engine, max_batch
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.largest_batch = 0
+        self.active = 0  # rows of the batch being decoded that have not ended
         threading.Thread(target=self._serve, name="generation", daemon=True).start()
 
     def submit(self, job: Job) -> None:
@@ -278,46 +517,108 @@ class Worker:
             batch = [self.jobs.get()]
             while len(batch) < self.max_batch and not self.jobs.empty():
                 batch.append(self.jobs.get())
-            self._decode([job for job in batch if not job.cancelled])
+            batch = [job for job in batch if not job.cancelled]
+            if batch:
+                self._decode(batch)
 
     def _decode(self, batch: list[Job]) -> None:
-        ready, prompts = [], []
-        for job in batch:
-            try:
-                prompts.append(self.engine.prompt_ids(job.request))
-            except PromptTooLong as err:
-                job.send(ApiError(str(err), "messages", "context_length_exceeded"))
-                continue
-            except Exception as err:  # e.g. markers that do not match, or tool calls the template cannot render
-                job.send(ApiError(f"could not build the prompt: {err}", "messages"))
-                continue
-            ready.append(job)
-            job.send(ACCEPTED)
-        if not ready:
-            return
-        self.largest_batch = max(self.largest_batch, len(ready))
+        self.largest_batch = max(self.largest_batch, len(batch))
+        self.active = len(batch)
         try:
-            for event in self.engine.run([j.request for j in ready], [j.config for j in ready], prompts,
-                                         cancelled=lambda row: ready[row].cancelled):
-                ready[event.row].send(event)
+            for event in self.engine.run([j.parsed.request for j in batch], [j.parsed.config for j in batch],
+                                         [j.prompt for j in batch], cancelled=lambda row: batch[row].cancelled):
+                batch[event.row].send(event)
+                if event.completion is not None:
+                    self.active -= 1
         except Exception as err:  # a failed batch must not stop the server: its clients get a 500
-            for job in ready:
+            for job in batch:
                 job.send(ApiError(f"generation failed: {err!r}", status=500, kind="server_error"))
+        finally:
+            self.active = 0
 
 
-class ClientGone(Exception):
-    pass
+async def cancel_on_hang_up(request: Request, job: Job) -> None:
+    """Cancel the job when its client disconnects (the body has been read, so the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled = True
+    job.events.put_nowait(ClientGone())
 
 
-async def next_event(job: Job, request: Request):
-    """The job's next message; cancels the job when the client has hung up."""
-    while True:
+class EventStream(StreamingResponse):
+    """The server-sent events of one job. A client that takes no chunk for `send_timeout` seconds (it stopped
+    reading but keeps the connection open) is dropped; when the stream ends for any reason the job is cancelled,
+    which stops its decoding at the next step if it is still running."""
+
+    def __init__(self, job: Job, chunks: AsyncIterator[str], send_timeout: float):
+        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job, self.send_timeout = job, send_timeout
+
+    async def stream_response(self, send: Send) -> None:
+        async def send_in_time(message: Message) -> None:
+            with anyio.fail_after(self.send_timeout):
+                await send(message)
+
         try:
-            return await asyncio.wait_for(job.events.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled = True
-                raise ClientGone from None
+            await super().stream_response(send_in_time)
+        except TimeoutError:
+            pass  # the response ends unfinished, so uvicorn closes the connection
+        finally:
+            self.job.cancelled = True
+
+
+class BodyLimit:
+    """ASGI middleware: reading a request body past `limit` bytes, as Content-Length declares or as a chunked body
+    comes, raises a 413 (answered with an OpenAI body); nothing past the limit is read. (FastAPI's `max_body_size`
+    answers a declared size with a plain-text 413 instead.)"""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.limit:
+                raise HTTPException(413)
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+
+class Deadline:
+    """ASGI middleware: a request not answered within `seconds` (a body trickling in, a long wait in the queue, a
+    long generation) gets a 504, or is cut off if its stream has started; its job is cancelled."""
+
+    def __init__(self, app: ASGIApp, seconds: float):
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            with anyio.fail_after(self.seconds):
+                await self.app(scope, receive, send_started)
+        except TimeoutError:
+            if not started:
+                error = ApiError(f"the request took longer than {self.seconds:g} s", None, "timeout", status=504,
+                                 kind="server_error")
+                await error.response()(scope, receive, send)
 
 
 def usage(completion: Completion) -> dict:
@@ -325,79 +626,124 @@ def usage(completion: Completion) -> dict:
             "total_tokens": completion.prompt_tokens + completion.completion_tokens}
 
 
+SCHEMAS = "#/components/schemas/"
+ERRORS = {"4XX": {"model": ErrorBody, "description": "an OpenAI error body"}}
+STREAM_EVENT = {  # each server-sent event (OpenAPI 3.1 without itemSchema: the schema of one event)
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [{"$ref": SCHEMAS + "ChatCompletionChunk"}, {"$ref": SCHEMAS + "ErrorBody"}]}},
+    ]}},
+}
+CHAT_RESPONSES = ERRORS | {
+    200: {"model": ChatCompletion, "description": "the completion, or with `stream: true` server-sent "
+          "`chat.completion.chunk` events ending with `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": STREAM_EVENT}}},
+    504: {"model": ErrorBody, "description": "the request took longer than --request_timeout"},
+}
+
+
 class Api:
     """The FastAPI app around one engine."""
 
     def __init__(self, engine: Engine, model_name: str, limits: Limits, api_key: str | None = None,
-                 max_batch: int = 16):
+                 max_batch: int = 16, cors_origins: Sequence[str] = ()):
         self.worker = Worker(engine, max_batch)
         self.model_name, self.limits, self.api_key = model_name, limits, api_key
         self.created = int(time.time())
-        self.app = FastAPI(title="MiniMind-V API")
+        self.app = FastAPI(title="MiniMind-V API", docs_url=None, redoc_url=None)
         self.app.add_exception_handler(ApiError, lambda request, err: err.response())
-        self.app.add_exception_handler(HTTPException, lambda request, err: ApiError(
-            str(err.detail), status=err.status_code).response())
-        self.app.get("/health")(self.health)
-        self.app.get("/v1/models")(self.models)
-        self.app.post("/v1/chat/completions")(self.chat_completions)
+        self.app.add_exception_handler(RequestValidationError, self.invalid_request)
+        self.app.add_exception_handler(HTTPException, self.http_error)
+        self.app.add_exception_handler(Exception, lambda request, err: ApiError(
+            f"internal error: {err!r}", status=500, kind="server_error").response())
+        self.app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+        self.app.add_middleware(Deadline, seconds=limits.request_timeout)
+        if cors_origins:
+            self.app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                                    allow_headers=["Authorization", "Content-Type"])
+        auth = [Security(self.authorize)] if api_key else []
+        self.app.get("/health", response_model=Health)(self.health)
+        self.app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=auth)(self.models)
+        self.app.post("/v1/chat/completions", responses=CHAT_RESPONSES, dependencies=auth)(self.chat_completions)
+        self.app.openapi = self.openapi
 
-    def authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    def openapi(self) -> dict:
+        """FastAPI's schema plus the stream's chunk schema (FastAPI only collects the models of JSON bodies)."""
+        if self.app.openapi_schema is None:
+            schema = get_openapi(title=self.app.title, version=self.app.version, routes=self.app.routes)
+            chunk = ChatCompletionChunk.model_json_schema(ref_template=SCHEMAS + "{model}", mode="serialization")
+            schema["components"]["schemas"] |= chunk.pop("$defs") | {"ChatCompletionChunk": chunk}
+            self.app.openapi_schema = schema
+        return self.app.openapi_schema
+
+    def authorize(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
+        given = credentials.credentials if credentials else ""
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise ApiError("missing or incorrect API key (send Authorization: Bearer <key>)", None,
                            "invalid_api_key", status=401)
 
+    def invalid_request(self, request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        if errors[0]["type"] == "json_invalid":
+            return ApiError(f"the request body is not valid JSON: {errors[0]['ctx']['error']}").response()
+        if isinstance(err.body, bytes):  # FastAPI leaves a body that is not declared as JSON unparsed
+            return ApiError("the request body must be JSON, sent with Content-Type: application/json").response()
+        return invalid([e | {"loc": e["loc"][1:]} for e in errors], err.body).response()  # loc[0] is "body"
+
+    def http_error(self, request: Request, err: HTTPException) -> JSONResponse:
+        if err.status_code == 413:
+            return ApiError(f"the request body is larger than {self.limits.max_body_bytes} bytes", None,
+                            "request_too_large", status=413).response()
+        return ApiError(str(err.detail), status=err.status_code).response(err.headers)
+
     async def health(self) -> dict:
         return {"status": "ok", "model": self.model_name, "queued": self.worker.jobs.qsize(),
-                "largest_batch": self.worker.largest_batch}
+                "active": self.worker.active, "largest_batch": self.worker.largest_batch}
 
-    async def models(self, request: Request) -> dict:
-        self.authorize(request)
+    async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "minimind-v"}]}
 
-    async def chat_completions(self, request: Request):
-        self.authorize(request)
-        if int(request.headers.get("content-length") or 0) > self.limits.max_body_bytes:
-            raise ApiError(f"the request body is larger than {self.limits.max_body_bytes} bytes", None,
-                           "request_too_large")
+    def prepare(self, body: ChatCompletionBody, loop: asyncio.AbstractEventLoop) -> Job:
+        """Images read and prompt tokenised here, in the request's thread, so that a heavy request delays only
+        itself and the worker thread only decodes."""
+        parsed = parse_body(body, self.limits)
         try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(f"the request body is not valid JSON: {err}") from err
-        parsed = await run_in_threadpool(parse_body, data, self.limits)
-        job = Job(parsed.request, parsed.config, asyncio.get_running_loop())
-        self.worker.submit(job)
-        try:
-            first = await next_event(job, request)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
-        if isinstance(first, ApiError):
-            return first.response()
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if parsed.stream:
-            return StreamingResponse(self.chunks(job, request, parsed, reply_id, created),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self.complete(job, request, reply_id, created)
+            prompt = self.worker.engine.prompt_ids(parsed.request)
+        except PromptTooLong as err:
+            raise ApiError(str(err), "messages", "context_length_exceeded") from err
+        except (ValueError, RecursionError) as err:
+            # a template that cannot render the tool calls, or tool parameters nested past the recursion limit
+            raise ApiError(f"could not build the prompt: {err}", "messages") from err
+        return Job(parsed, prompt, loop)
 
-    async def complete(self, job: Job, request: Request, reply_id: str, created: int):
+    async def chat_completions(self, body: ChatCompletionBody, request: Request):
+        if self.worker.jobs.qsize() >= self.limits.max_queue:
+            raise ApiError(f"the server is busy ({self.limits.max_queue} requests queued); retry later", None,
+                           "queue_full", status=429, kind="rate_limit_error")
+        job = await run_in_threadpool(self.prepare, body, asyncio.get_running_loop())
+        self.worker.submit(job)
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if job.parsed.stream:
+            return EventStream(job, self.chunks(job, reply_id, created), self.limits.send_timeout)
+        watcher = asyncio.create_task(cancel_on_hang_up(request, job))
         try:
-            while True:
-                event = await next_event(job, request)
-                if isinstance(event, ApiError):
-                    return event.response()
-                if event.completion is not None:
-                    break
+            completion = await job.completion()
         except ClientGone:
-            return JSONResponse({}, status_code=499)
-        completion = event.completion
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            watcher.cancel()
+            job.cancelled = True  # no effect once the job is done; stops it on a timeout
+        return self.reply(job, completion, reply_id, created)
+
+    def reply(self, job: Job, completion: Completion, reply_id: str, created: int) -> dict:
         message = {"role": "assistant", "content": completion.text}
         if completion.reasoning is not None:
             message["reasoning_content"] = completion.reasoning
         finish = completion.finish_reason
-        if job.request.tools:
+        if job.parsed.request.tools:
             message["content"], calls = split_tool_calls(completion.text)
             if calls:
                 message["tool_calls"], finish = calls, "tool_calls"
@@ -405,8 +751,7 @@ class Api:
                 "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
                 "usage": usage(completion)}
 
-    async def chunks(self, job: Job, request: Request, parsed: Parsed, reply_id: str,
-                     created: int) -> AsyncIterator[str]:
+    async def chunks(self, job: Job, reply_id: str, created: int) -> AsyncIterator[str]:
         """Server-sent `chat.completion.chunk` events, ending with `data: [DONE]`."""
 
         def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
@@ -416,49 +761,67 @@ class Api:
                     "model": self.model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                event: StreamEvent | ApiError = await next_event(job, request)
-                if isinstance(event, ApiError):
-                    yield f"data: {json.dumps(event.body(), ensure_ascii=False)}\n\n"
-                    break
-                if event.completion is None:
-                    delta = {"reasoning_content": event.reasoning} if event.reasoning else {}
-                    yield chunk(delta | ({"content": event.content} if event.content else {}))
-                    continue
-                finish = event.completion.finish_reason
-                calls = split_tool_calls(event.completion.text)[1] if job.request.tools else []
-                if calls:
-                    finish = "tool_calls"
-                    yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-                yield chunk({}, finish)
-                if parsed.include_usage:
-                    yield chunk(None, usage=usage(event.completion))
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            try:
+                event = await job.next()
+            except ApiError as err:
+                yield f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
                 break
-            yield "data: [DONE]\n\n"
-        except ClientGone:
-            pass
-        finally:
-            job.cancelled = True  # no effect once the reply is complete; stops decoding if the client left
+            if event.completion is None:
+                delta = {"reasoning_content": event.reasoning} if event.reasoning else {}
+                yield chunk(delta | ({"content": event.content} if event.content else {}))
+                continue
+            finish = event.completion.finish_reason
+            calls = split_tool_calls(event.completion.text)[1] if job.parsed.request.tools else []
+            if calls:
+                finish = "tool_calls"
+                yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+            yield chunk({}, finish)
+            if job.parsed.include_usage:
+                yield chunk(None, usage=usage(event.completion))
+            break
+        yield "data: [DONE]\n\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, weight="sft_vlm")
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    parser.add_argument("--port", type=int, default=8998)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s; 0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8998, help="(default: %(default)s)")
     parser.add_argument("--model_name", default=None, help="model id reported by the API (default: from the weights)")
     parser.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"),
                         help="require `Authorization: Bearer KEY` (default: $MINIMIND_API_KEY, else no key)")
-    parser.add_argument("--max_batch", type=int, default=16, help="most requests decoded together")
-    parser.add_argument("--max_seq_len", type=int, default=8192, help="longest prompt, in tokens")
+    parser.add_argument("--cors_origins", nargs="*", default=[],
+                        help="browser origins allowed to call the API (default: none, and no CORS headers)")
+    parser.add_argument("--max_batch", type=int, default=16,
+                        help="most requests decoded together (default: %(default)s)")
+    parser.add_argument("--max_seq_len", type=int, default=8192,
+                        help="longest prompt, in tokens (default: %(default)s)")
     parser.add_argument("--max_tokens_limit", type=int, default=8192,
-                        help="largest max_tokens a request may ask for (also the default)")
-    parser.add_argument("--max_images", type=int, default=8, help="most images in one request")
-    parser.add_argument("--max_image_bytes", type=int, default=10 * 2**20, help="largest image file, in bytes")
-    parser.add_argument("--max_image_pixels", type=int, default=4096 * 4096, help="largest image, in pixels")
+                        help="largest max_tokens a request may ask for, also the default (default: %(default)s)")
+    parser.add_argument("--max_messages", type=int, default=256,
+                        help="most messages in one request (default: %(default)s)")
+    parser.add_argument("--max_images", type=int, default=8, help="most images in one request (default: %(default)s)")
+    parser.add_argument("--max_image_bytes", type=int, default=10 * 2**20,
+                        help="largest image file, in bytes (default: %(default)s)")
+    parser.add_argument("--max_image_pixels", type=int, default=4096 * 4096,
+                        help="largest image, in pixels, read from its header before decoding (default: %(default)s)")
+    parser.add_argument("--max_body_bytes", type=int, default=None,
+                        help="largest request body, with or without Content-Length (default: room for --max_images "
+                             "base64 images of --max_image_bytes, plus 1 MiB)")
+    parser.add_argument("--max_queue", type=int, default=256,
+                        help="most requests waiting for the model; more get a 429 (default: %(default)s)")
+    parser.add_argument("--max_connections", type=int, default=512,
+                        help="most open connections; more get a 503 from uvicorn (default: %(default)s)")
+    parser.add_argument("--request_timeout", type=float, default=600.0,
+                        help="seconds a request may take from its headers to its last token; then a 504, or a "
+                             "stream cut off (default: %(default)s)")
+    parser.add_argument("--send_timeout", type=float, default=30.0,
+                        help="seconds a streaming client may leave a chunk unread before it is dropped "
+                             "(default: %(default)s)")
     parser.add_argument("--local_image_root", default=None,
-                        help="also accept image URLs that are paths of files under this folder")
+                        help="also accept image URLs that are paths of files under this folder (default: none)")
 
 
 def default_model_name(args) -> str:
@@ -470,7 +833,9 @@ def default_model_name(args) -> str:
 def main(args) -> None:
     engine = load_engine_or_exit(args)
     limits = Limits(args.max_images, args.max_image_bytes, args.max_image_pixels, args.max_tokens_limit,
-                    args.local_image_root)
-    api = Api(engine, args.model_name or default_model_name(args), limits, args.api_key, args.max_batch)
+                    args.local_image_root, args.max_messages, args.max_body_bytes, args.max_queue,
+                    args.request_timeout, args.send_timeout)
+    api = Api(engine, args.model_name or default_model_name(args), limits, args.api_key, args.max_batch,
+              args.cors_origins)
     print(f"serving {api.model_name} at http://{args.host}:{args.port}/v1 (OpenAI chat completions)")
-    uvicorn.run(api.app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(api.app, host=args.host, port=args.port, log_level="info", limit_concurrency=args.max_connections)

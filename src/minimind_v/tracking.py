@@ -10,6 +10,7 @@ import sys
 from tqdm import tqdm
 
 from .samples import BAD_REASONS
+from .weights import atomic_write
 
 LOGGERS = ("none", "wandb", "swanlab", "tensorboard")
 
@@ -24,6 +25,13 @@ def reference_line(epoch: int, epochs: int, step: int, iters: int, loss: float, 
 def format_metrics(metrics: dict[str, float]) -> str:
     """An objective's own metrics for the log line (empty when it has none)."""
     return "".join(f", {name}: {value:.4f}" for name, value in metrics.items())
+
+
+def format_bad_rows(bad: dict[str, int]) -> str:
+    """The bad rows so far by reason for the log line (empty when there are none)."""
+    if not bad:
+        return ""
+    return f", bad rows {sum(bad.values())} (" + ", ".join(f"{reason} {count}" for reason, count in bad.items()) + ")"
 
 
 class Progress:
@@ -51,7 +59,8 @@ class Progress:
 class Tracker:
     """Rank-0 metrics sink: `{run_dir}/metrics.jsonl` (one JSON object per log step) plus an optional logger.
 
-    On resume the JSONL keeps only the lines up to the resumed step, so replayed steps are not duplicated.
+    On resume the JSONL keeps only the lines up to the resumed step, so replayed steps are not duplicated (and a line
+    torn by a kill is dropped).
     """
 
     def __init__(self, run_dir: str, logger: str, project: str, run_name: str, config: dict,
@@ -59,8 +68,7 @@ class Tracker:
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         kept = _lines_up_to(self.path, resume_step) if resume_step is not None else []
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
+        atomic_write(self.path, lambda f: f.write("".join(kept).encode("utf-8")))
         self.logger = logger
         self.run_id = resume_id
         self.backend = self._start(logger, project, run_name, config, run_dir, resume_id)
@@ -86,12 +94,18 @@ class Tracker:
     def log(self, metrics: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        flat = {f"{k}/{sub}": v for k, d in metrics.items() if isinstance(d, dict) for sub, v in d.items()}
+        scalars = {k: v for k, v in {**metrics, **flat}.items() if isinstance(v, (int, float)) and k != "step"}
         if self.logger == "tensorboard":
             for key, value in scalars.items():
                 self.backend.add_scalar(key, value, metrics["step"])
         elif self.backend is not None:
             self.backend.log(scalars, step=metrics["step"])
+
+    def sync(self) -> None:
+        """fsync the JSONL, so that every line up to a resume file's step survives a power loss as that file does."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            os.fsync(f.fileno())
 
     def close(self) -> None:
         if self.logger == "tensorboard":
@@ -103,8 +117,16 @@ class Tracker:
 def _lines_up_to(path: str, step: int) -> list[str]:
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # the last line, torn by a kill or a power loss
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
 
 
 def format_summary(summary: dict) -> str:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from . import distributed
 from .checkpoint import (
@@ -389,29 +390,43 @@ class Trainer:
 
     def save(self, nonfinite_streak: int) -> None:
         """Weights (reference format) or adapters (PEFT format), the trained tower if any, and the resume state;
-        rank 0 writes."""
+        rank 0 writes. A failed write (a full disk) stops every process with TrainingError; each file keeps its
+        previous version or the whole new one (see `weights.atomic_write`)."""
         rngs = self.processes.gather(rng_state())
         self.state.nonfinite_streak = nonfinite_streak
-        config = self.config
+        failure = None
         if self.processes.is_main:
-            if self.adapted:
-                base = weight_path(config.out_dir, config.from_weight, config.hidden_size, bool(config.use_moe))
-                save_adapter(self.model, self.weights_path, base_model=base)
-            else:
-                save_native(self.model, self.weights_path)
-            if self.writes_tower and (self.model.vision_trainable or not self.tower_written):
-                save_vision_tower(self.model, self.vision_dir)
-                self.tower_written = True
-            save_resume(self.resume_file, {
-                "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-                "epoch": self.state.epoch, "step": self.state.step, "world_size": self.processes.world_size,
-                "wandb_id": self.logger_id, "batch_size": config.batch_size,
-                "accumulation_steps": config.accumulation_steps, "stage": config.stage,
-                "model_shape": self._model_shape(), "seed": config.seed, "total_rows": self.data.total_rows,
-                "rng": rngs, "counters": asdict(self.state),
-            })
-        self.processes.barrier()
+            try:
+                self._write_checkpoint(rngs)
+            except (OSError, SafetensorError) as err:  # safetensors (tower, adapters) reports I/O errors its own way
+                failure = err
+        if self.processes.all_sum([float(failure is not None)])[0]:  # also the barrier that ends the save
+            where = f"{failure}" if failure else "rank 0 could not write the checkpoint (see its log)"
+            raise TrainingError(
+                f"saving at step {self.state.global_step} failed: {where}. Nothing is half-written: each file holds "
+                "its previous or its new complete version, and `--from_resume 1` continues from the last resume "
+                "state saved (redoing the steps since). Free some space on that disk, then resume."
+            )
+
+    def _write_checkpoint(self, rngs: list[dict]) -> None:
+        config = self.config
+        if self.adapted:
+            base = weight_path(config.out_dir, config.from_weight, config.hidden_size, bool(config.use_moe))
+            save_adapter(self.model, self.weights_path, base_model=base)
+        else:
+            save_native(self.model, self.weights_path)
+        if self.writes_tower and (self.model.vision_trainable or not self.tower_written):
+            save_vision_tower(self.model, self.vision_dir)
+            self.tower_written = True
+        save_resume(self.resume_file, {
+            "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "epoch": self.state.epoch, "step": self.state.step, "world_size": self.processes.world_size,
+            "wandb_id": self.logger_id, "batch_size": config.batch_size,
+            "accumulation_steps": config.accumulation_steps, "stage": config.stage,
+            "model_shape": self._model_shape(), "seed": config.seed, "total_rows": self.data.total_rows,
+            "rng": rngs, "counters": asdict(self.state),
+        })
 
     def _resume(self) -> None:
         config, path = self.config, self.resume_file
@@ -429,7 +444,8 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scaler.is_enabled() and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
-        self.state = RunState(**saved["counters"])
+        counters = saved["counters"]
+        self.state = RunState(**{**counters, "bad": {**dict.fromkeys(BAD_REASONS, 0), **counters["bad"]}})
         self.logger_id = saved["wandb_id"]
         same_layout = (saved["world_size"], saved["batch_size"], saved["accumulation_steps"]) == (
             self.processes.world_size, config.batch_size, config.accumulation_steps)

@@ -3,11 +3,13 @@ files and folders. Building models from them lives in `loading`."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -18,44 +20,97 @@ IGNORED_KEYS = ("model.freqs_cos", "model.freqs_sin")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` as `write(file)` fills a temporary file of the same folder, then fsync it, rename it over `path`
+    and fsync the folder: whenever the process dies, `path` holds its old content or the whole new one. A failed
+    write (a full disk) raises OSError naming `path` and leaves `path` as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    for stale in glob.glob(glob.escape(path) + ".*.tmp"):  # left by a killed write
+        os.remove(stale)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # 0o666: the umask applies, unlike mkstemp
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror or str(err), path) from err
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
+    fsync_folder(folder)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save through `atomic_write`."""
+
+    def write(f: BinaryIO) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            # torch.save reports the file's OSError (ENOSPC, EFBIG) as a RuntimeError raised while handling it
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from err
+            raise
+
+    atomic_write(path, write)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make the renames and new names inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def fsync_tree(folder: str) -> None:
+    """fsync every file and folder under `folder`."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_folder(root)
+
+
+def recover_folder(folder: str) -> None:
+    """Undo what a `replace_folder` killed between its two renames left: the previous folder at `{folder}.old` and
+    none at `folder` is put back; an `.old` next to a complete `folder` is removed."""
+    old = folder + ".old"
+    if not os.path.isdir(old):
+        return
+    if os.path.isdir(folder):
+        shutil.rmtree(old)
+    else:
+        os.replace(old, folder)
 
 
 def replace_folder(folder: str, write: Callable[[str], None]) -> None:
-    """Fill a temporary folder with `write(staging)`, then rename it over `folder`, so an interrupted save never
-    leaves a half-written folder under that name."""
+    """Fill a temporary folder with `write(staging)`, fsync it, then rename it over `folder`, so an interrupted save
+    never leaves a half-written folder under that name (a kill between the two renames leaves the previous folder
+    at `{folder}.old`, which `recover_folder` puts back and `tower_for_weights` reads meanwhile)."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
+    recover_folder(folder)
     for stale in glob.glob(glob.escape(folder) + ".tmp-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(folder) + ".tmp-")
     try:
         write(staging)
+        fsync_tree(staging)
         old = folder + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
         if os.path.exists(folder):
             os.replace(folder, old)
         os.replace(staging, folder)
+        fsync_folder(parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -83,7 +138,10 @@ DEFAULT_TOWER = "model/siglip2-base-p32-256-ve"
 def tower_for_weights(out_dir: str, prefix: str, hidden_size: int, use_moe: bool) -> str:
     """The default tower of a native weight file: the one trained with it, else the reference tower folder."""
     trained = vision_folder(out_dir, prefix, hidden_size, use_moe)
-    return trained if os.path.isdir(trained) else DEFAULT_TOWER
+    for folder in (trained, trained + ".old"):  # .old: a save was killed while swapping the folders
+        if os.path.isdir(folder):
+            return folder
+    return DEFAULT_TOWER
 
 
 def needs_tower_folder(source: str, changed: bool) -> bool:
