@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from generation import measure  # benchmarks/generation.py: the same timing as the decode benchmark
 from minimind_v.config import MiniMindConfig, preset_config
 from minimind_v.evaluate import engine_answerer, evaluate
-from minimind_v.generate import Decoder, Engine, GenerationConfig
+from minimind_v.generate import Engine
 from minimind_v.llm import MiniMindForCausalLM
 from minimind_v.loading import load_model
 from minimind_v.quantize import quantize_decoder
@@ -36,25 +36,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def decode_speed(model, prompt_tokens: int, new_tokens: int, repeats: int, device: torch.device) -> float:
-    """Median decode tokens/s of greedy batch-1 generation (the first token, i.e. prefill, not counted)."""
+    """Median decode tokens/s of greedy batch-1 generation (the first token, i.e. prefill, not counted), after a
+    warm-up run."""
     ids = torch.randint(36, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
-    speeds = []
-    for _ in range(repeats + 1):  # the first run warms up
-        decoder = Decoder(model, ids.to(device), None, [config])
-        decoder.step()
-        sync(device)
-        start = time.perf_counter()
-        while not decoder.done:
-            decoder.step()
-        sync(device)
-        speeds.append((new_tokens - 1) / (time.perf_counter() - start))
+    speeds = [measure(model, ids.to(device), None, new_tokens, use_cache=True)[1] for _ in range(repeats + 1)]
     return statistics.median(speeds[1:])
 
 

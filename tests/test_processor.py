@@ -15,13 +15,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 from minimind_v.cli import main as cli_main
 from minimind_v.config import preset_config
 from minimind_v.generate import ChatRequest, Engine, GenerationConfig
-from minimind_v.loading import export_pretrained, load_pretrained_folder
+from minimind_v.loading import load_pretrained_folder
 from minimind_v.processor import IMAGE_MARKER, MiniMindVProcessor, multimodal_chat_template
 from minimind_v.tokenizer import CHAT_TEMPLATE, expand_image_markers, load_tokenizer
 from minimind_v.vision import ImagePreprocessor
 from minimind_v.vlm import MiniMindVLM
 
-from conftest import liven, reference_path
+from conftest import reference_path
 
 NEW_TOKENS = 12
 QUESTION = [{"type": "image"}, {"type": "text", "text": "Describe this"}, {"type": "image"},
@@ -44,13 +44,9 @@ def photos() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_tokenizer, tmp_path_factory):
-    """(our lively tiny VLM, the remote-code folder export_pretrained wrote for it)."""
-    torch.manual_seed(0)
-    model = liven(MiniMindVLM(preset_config("tiny", vocab_size=len(tiny_tokenizer))).eval())
-    folder = tmp_path_factory.mktemp("remote") / "tiny-vlm"
-    export_pretrained(model, str(folder), tiny_tokenizer)
-    return model, folder
+def exported(tiny_model_dir):
+    """(the lively tiny VLM of `tiny_model_dir`, reloaded, and that remote-code folder)."""
+    return load_pretrained_folder(str(tiny_model_dir)).eval(), tiny_model_dir
 
 
 def engine_ids(model, tokenizer, images: list) -> list[int]:

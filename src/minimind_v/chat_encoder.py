@@ -112,8 +112,8 @@ class ChatEncoder:
 
     def render(self, messages: list[dict], images: int = 0, tools: list | None = None,
                generation_prompt: bool = False, open_thinking: bool = False) -> str:
-        """The template text, `<image>` markers expanded; EncodingError when markers and `images` disagree or
-        the template cannot render the messages."""
+        """The template text, `<image>` markers expanded; EncodingError when markers and `images` disagree, the
+        template cannot render the messages, or the text cannot be encoded."""
         if self.image_token_len:
             markers = count_markers(messages)
             if markers != images:
@@ -125,10 +125,18 @@ class ChatEncoder:
         elif images:
             raise EncodingError("image_mismatch", "this model has no vision tower, so it cannot read images")
         try:
-            return render_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=generation_prompt,
+            text = render_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=generation_prompt,
                                open_thinking=open_thinking)
-        except (TemplateError, TypeError, ValueError) as err:  # e.g. tool calls of an unexpected shape
+        except (TemplateError, TypeError, ValueError, RecursionError) as err:
+            # tool calls of an unexpected shape; contents or tools nested past the recursion limit
             raise EncodingError("bad_conversation", f"the chat template cannot render the messages: {err}") from err
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise EncodingError("invalid_text", "the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                                                    "escape), which no tokenizer can encode") from err
+        return text
 
     def encode(self, messages: list[dict], images: int = 0, tools: list | None = None,
                generation_prompt: bool = False, open_thinking: bool = False,
@@ -136,12 +144,6 @@ class ChatEncoder:
         """Encode a conversation (for training) or a prompt (`generation_prompt`, optionally thinking first).
         `drop_empty_think` removes every empty think block (the reference's training augmentation)."""
         text = self.render(messages, images, tools, generation_prompt, open_thinking)
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise EncodingError("invalid_text", "the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
-                                                    "escape), which no tokenizer can encode") from err
         if drop_empty_think:
             text = text.replace(EMPTY_THINK, "")
         ids = np.array(self._tokenize(turn_pieces(text)), dtype=np.int64)

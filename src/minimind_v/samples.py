@@ -230,7 +230,7 @@ class SampleBuilder:
         """One document of a text or chat row."""
         if self.kind == "text":
             return self._text(record)
-        messages, tools = self._conversation(record.get("conversations"))
+        messages, tools = conversation(record.get("conversations"))
         images = chat_images(record, messages) if self.encoder.image_token_len else []
         system, drop_think = self._augmentations(messages, tools, rng)
         ids, labels = self._encode(system + messages, tools, len(images), drop_think)
@@ -238,8 +238,8 @@ class SampleBuilder:
 
     def build_pair(self, record: dict, rng: random.Random) -> tuple[Sample, Sample]:
         """(chosen, rejected) documents of a preference row."""
-        chosen, tools = self._conversation(record.get("chosen"))
-        rejected, rejected_tools = self._conversation(record.get("rejected"))
+        chosen, tools = conversation(record.get("chosen"))
+        rejected, rejected_tools = conversation(record.get("rejected"))
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise BadSample("no_assistant_turn")
         if chosen[:-1] != rejected[:-1] or tools != rejected_tools:
@@ -255,7 +255,7 @@ class SampleBuilder:
     def build_prompt(self, record: dict, rng: random.Random) -> Prompt:
         """The generation prompt of a prompt row; thinking is opened with probability `thinking_ratio` (as the
         reference's RLAIF data does)."""
-        messages, tools = self._conversation(record.get("conversations"), needs_assistant=False)
+        messages, tools = conversation(record.get("conversations"), needs_assistant=False)
         final = messages[-1]
         if final["role"] == "assistant":
             messages = messages[:-1]
@@ -276,13 +276,6 @@ class SampleBuilder:
         if len(encoded.ids) > self.max_seq_len:
             raise BadSample("prompt_too_long")
         return Prompt(encoded.ids, self._pixels(images), system + messages, open_thinking, answers, seed)
-
-    @staticmethod
-    def _conversation(value, needs_assistant: bool = True) -> tuple[list[dict], list | None]:
-        """`conversation`, refusing text the tokenizer cannot encode."""
-        messages, tools = conversation(value, needs_assistant)
-        check_text([messages, tools])
-        return messages, tools
 
     def _augmentations(self, messages: list[dict], tools, rng: random.Random) -> tuple[list[dict], bool]:
         """The reference's random system prompt (none with tools or an own system message) and empty-think
@@ -324,8 +317,6 @@ class SampleBuilder:
             return self.encoder.encode(messages, images, tools, **options)
         except EncodingError as err:
             raise BadSample(err.reason) from err
-        except RecursionError as err:  # nesting too deep for the template, e.g. a content of lists in lists
-            raise BadSample("bad_conversation") from err
 
     def _pixels(self, images: list[bytes]) -> np.ndarray | None:
         """Encoded images -> [N, 3, size, size] (None without images); BadSample when any cannot be decoded (as

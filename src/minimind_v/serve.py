@@ -519,8 +519,7 @@ class Api:
             prompt = self.worker.engine.prompt_ids(parsed.request)
         except PromptTooLong as err:
             raise ApiError(str(err), "messages", "context_length_exceeded") from err
-        except (ValueError, RecursionError) as err:
-            # a template that cannot render the tool calls, or tool parameters nested past the recursion limit
+        except ValueError as err:  # the chat encoder's EncodingError: a template that cannot render the messages
             raise ApiError(f"could not build the prompt: {err}", "messages") from err
         return Job(parsed, prompt, loop)
 

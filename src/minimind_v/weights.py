@@ -42,7 +42,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         if isinstance(err, OSError):
             raise OSError(err.errno, err.strerror or str(err), path) from err
         raise
-    fsync_folder(folder)
+    fsync_path(folder)
 
 
 def atomic_save(obj, path: str) -> None:
@@ -60,9 +60,9 @@ def atomic_save(obj, path: str) -> None:
     atomic_write(path, write)
 
 
-def fsync_folder(folder: str) -> None:
-    """Make the renames and new names inside `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: str) -> None:
+    """fsync a file, or a folder (which makes the renames and new names inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -73,12 +73,8 @@ def fsync_tree(folder: str) -> None:
     """fsync every file and folder under `folder`."""
     for root, _, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_folder(root)
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
 
 
 def recover_folder(folder: str) -> None:
@@ -110,7 +106,7 @@ def replace_folder(folder: str, write: Callable[[str], None]) -> None:
         if os.path.exists(folder):
             os.replace(folder, old)
         os.replace(staging, folder)
-        fsync_folder(parent)
+        fsync_path(parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
