@@ -96,7 +96,7 @@ def run(mode: str, args, dataset: str, folder: str) -> dict:
              str(args.max_seq_len), "--max_steps", str(args.warmup + args.steps), "--log_interval", "1",
              "--save_interval", "100000", "--num_workers", str(args.num_workers), "--device", args.device,
              "--out_dir", out, "--checkpoint_dir", out, "--log_dir", out, "--add_system_ratio", "0",
-             "--dtype", args.dtype, "--num_threads", str(args.num_threads)]
+             "--dtype", args.dtype, "--cpu_dtype", args.cpu_dtype, "--num_threads", str(args.num_threads)]
     if args.train_vision:
         flags += ["--train_vision", "1"]
     if mode == "padded":
@@ -133,7 +133,8 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=1)
     parser.add_argument("--num_threads", type=int, default=0)
     parser.add_argument("--train_vision", action="store_true")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", help="CUDA precision")
+    parser.add_argument("--cpu_dtype", default="auto", help="CPU precision (auto: bf16 where the CPU has it natively)")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.tokenizer)

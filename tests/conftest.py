@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from minimind_v.config import preset_config
 from minimind_v.tokenizer import train_tokenizer
@@ -26,6 +28,14 @@ CORPUS = [
     "Is there a star in the picture? No, there is no star.",
     "Describe the image. A small purple square sits at the top right.",
 ] * 50
+
+
+GREEDY = dict(do_sample=False, eos_token_id=None)
+
+
+def photo(seed: int, size: int = 64) -> Image.Image:
+    """A random RGB image, the same for the same seed."""
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8))
 
 
 def reference_path(*parts: str) -> Path:

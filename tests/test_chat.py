@@ -104,7 +104,7 @@ def test_chat_command_reads_piped_input(tiny_model_dir, photo_dir, folder_engine
     script = f"/image {photo_dir / '17_grace_hopper.JPG'}\nWho is this?\n/quit\nnever read\n"
     result = subprocess.run(
         [sys.executable, "-m", "minimind_v", "chat", "--load_from", str(tiny_model_dir), "--temperature", "0",
-         "--max_new_tokens", "12", "--device", "cpu"],
+         "--max_new_tokens", "12", "--device", "cpu", "--dtype", "float32"],
         input=script, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     assert result.returncode == 0, result.stderr

@@ -118,9 +118,25 @@ def test_float32_cpu_runs_a_shorter_recipe(tmp_path):
         "700", ["shape:5"])
 
 
+def test_a_time_budget_shares_the_time_left_among_the_training_phases(tmp_path, monkeypatch):
+    """Each training command gets --max_minutes: its share, by planned steps, of the budget left after the time
+    kept for evaluation; other commands run as planned."""
+    ran = []
+    monkeypatch.setattr("minimind_v.cli.main", lambda argv: ran.append(argv))
+    steps = [demo.Step("data", ["data", "synth"]), demo.Step("a", ["train", "llm-pretrain", "--max_steps", "100"]),
+             demo.Step("b", ["train", "vlm-sft", "--max_steps", "300"]), demo.Step("eval", ["eval"])]
+    demo.run_steps(steps, budget_minutes=10)
+    left = 10 - demo.AFTER_TRAINING_SECONDS / 60
+    assert ran[0] == ["data", "synth"] and ran[3] == ["eval"]
+    assert ran[1][-2:] == ["--max_minutes", f"{left / 4:.2f}"]
+    assert ran[2][-2:] == ["--max_minutes", f"{left:.2f}"]
+    demo.run_steps(steps, budget_minutes=0)
+    assert "--max_minutes" not in ran[5]
+
+
 @pytest.mark.parametrize("flag, value", [("--sft_steps", "0"), ("--train_rows", "0"), ("--chats", "-1"),
                                          ("--focus", "position:0"), ("--focus", "where:300"), ("--focus", "position"),
-                                         ("--remix_steps", "0")])
+                                         ("--remix_steps", "0"), ("--time_budget", "-1")])
 def test_bad_flags_are_refused_before_any_work(tmp_path, flag, value, capsys):
     with pytest.raises(SystemExit, match=flag.lstrip("-")):
         cli(["demo", "--out_dir", str(tmp_path / "x"), flag, value])

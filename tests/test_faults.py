@@ -34,7 +34,8 @@ from training_data import sft_records, write_jsonl
 
 FLAGS = ("--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--num_threads", "1",
          "--add_system_ratio", "0", "--log_interval", "1", "--save_interval", "1", "--batch_size", "4",
-         "--max_seq_len", "64", "--from_weight", "none", "--learning_rate", "1e-3")
+         "--max_seq_len", "64", "--from_weight", "none", "--learning_rate", "1e-3",
+         "--cpu_dtype", "float32")  # exact resume: bf16 autocast is the default on CPUs with native bf16
 STEPS = 12  # 32 rows in batches of 4: 8 steps per epoch, so the runs cross an epoch boundary
 FILES = ("llm_64.pth", "llm_64_resume.pth")
 

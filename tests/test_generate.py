@@ -4,10 +4,8 @@ stop strings, UTF-8-safe streaming, reasoning split, cancellation, images encode
 import random
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from minimind_v.config import MiniMindConfig, preset_config
 from minimind_v.generate import (
@@ -21,13 +19,7 @@ from minimind_v.generate import (
 )
 from minimind_v.llm import MiniMindForCausalLM
 
-from conftest import reference_path
-
-GREEDY = dict(do_sample=False, eos_token_id=None)
-
-
-def photo(seed: int, size: int = 64) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8))
+from conftest import GREEDY, photo, reference_path
 
 
 def decode_all(decoder: Decoder) -> torch.Tensor:

@@ -101,6 +101,39 @@ def test_packed_documents_equal_separate_forwards(model):
             start += len(doc)
 
 
+def test_packed_gradients_equal_the_sum_over_separate_documents():
+    """Packed rows train exactly like separate documents: every parameter gradient of the summed loss agrees."""
+    docs = [random_ids(1, n, seed=30 + n)[0] for n in (9, 4, 6)]
+    packed = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    labels = torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])[None]
+    model = small_model().train()
+    (model(packed, position_ids=positions, labels=labels).loss * (len(packed[0]) - len(docs))).backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    sum(model(d[None], labels=d[None]).loss * (len(d) - 1) for d in docs).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_flex_attention_block_mask_equals_the_dense_mask(monkeypatch):
+    """The CUDA kernel choice for packed rows (flex_attention with a block mask) against the dense-mask oracle,
+    forward only: flex_attention has no backward on a CPU."""
+    from minimind_v import llm
+
+    docs = [random_ids(1, n, seed=40 + n)[0] for n in (50, 70, 30)]
+    packed = torch.cat(docs + [torch.zeros(6, dtype=torch.long)])[None].repeat(2, 1)
+    positions = torch.cat([torch.arange(len(d)) for d in docs] + [torch.zeros(6, dtype=torch.long)])[None]
+    positions = positions.repeat(2, 1)
+    model = small_model()
+    with torch.no_grad():
+        dense = model(packed, position_ids=positions).logits
+        monkeypatch.setattr(llm, "use_flex_attention", lambda device, packed, dropout: packed)
+        flexed = model(packed, position_ids=positions).logits
+    torch.testing.assert_close(flexed[:, :150], dense[:, :150], rtol=1e-4, atol=1e-4)
+
+
 def test_packed_documents_give_the_same_losses():
     model = small_model()
     docs = [random_ids(1, n, seed=20 + n)[0] for n in (6, 4)]

@@ -233,10 +233,10 @@ def test_int8_computes_in_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
     from minimind_v.generate import inference_dtype
 
     monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: True)
-    assert inference_dtype("cpu", "int8") == torch.bfloat16
-    assert inference_dtype("cpu") == torch.float32
+    assert inference_dtype("cpu")[0] == torch.bfloat16
+    assert inference_dtype("cpu", "float32")[0] == torch.float32
     monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: False)
-    assert inference_dtype("cpu", "int8") == torch.float32
+    assert inference_dtype("cpu")[0] == torch.float32
 
 
 def test_quanto_config_on_an_lfm2_vl_export(tiny_tokenizer, tmp_path):

@@ -56,15 +56,29 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(model_dir, log_dir: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`minimind-v serve` on a free port of 127.0.0.1 (CPU), its log in `log_dir` (a pipe nobody reads would
-    fill up and block the server): (base_url, process)."""
+    """`minimind-v serve` on a free port of 127.0.0.1 (CPU, float32 like the tests' engines), its log in
+    `log_dir` (a pipe nobody reads would fill up and block the server): (base_url, process)."""
     port = free_port()
     log_path = log_dir / f"serve-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "minimind_v", "serve", "--load_from", str(model_dir), "--port", str(port),
-             "--device", "cpu", *flags],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "minimind_v",
+                "serve",
+                "--load_from",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                *flags,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
         )
     base_url = f"http://127.0.0.1:{port}"
@@ -92,8 +106,9 @@ def server(tiny_model_dir, tmp_path_factory):
     local = tmp_path_factory.mktemp("local_images")
     picture(5).save(local / "cat.png")
     flags = [f"--{k}={v}" for k, v in LIMITS.items()]
-    with running_server(tiny_model_dir, local, "--api_key", KEY, "--local_image_root", str(local),
-                        "--max_batch", "8", *flags) as (base_url, _):
+    with running_server(
+        tiny_model_dir, local, "--api_key", KEY, "--local_image_root", str(local), "--max_batch", "8", *flags
+    ) as (base_url, _):
         yield base_url, local
 
 
@@ -108,8 +123,7 @@ def engine(tiny_model_dir, tiny_tokenizer):
 
 
 def expected(engine, text: str, images=(), open_thinking=False, **config):
-    request = ChatRequest([{"role": "user", "content": "<image>" * len(images) + text}], list(images),
-                          open_thinking)
+    request = ChatRequest([{"role": "user", "content": "<image>" * len(images) + text}], list(images), open_thinking)
     return engine.generate([request], GenerationConfig(**{"do_sample": False, **config}))[0], request
 
 
@@ -126,8 +140,9 @@ def test_health_models_api_key_and_no_cors(server, client):
 
 def test_completion_with_image_matches_engine(client, engine):
     image = picture(1)
-    reply = client.chat.completions.create(model="tiny-vlm", messages=user("What is this?", data_url(image)),
-                                           temperature=0, max_tokens=20)
+    reply = client.chat.completions.create(
+        model="tiny-vlm", messages=user("What is this?", data_url(image)), temperature=0, max_tokens=20
+    )
     want, request = expected(engine, "What is this?", [image], max_new_tokens=20)
     assert reply.object == "chat.completion" and reply.model == "tiny-vlm"
     assert reply.choices[0].message.content == want.text
@@ -140,32 +155,62 @@ def test_completion_with_image_matches_engine(client, engine):
 def test_streaming_with_image_ends_with_done(server, client, engine):
     image = picture(2)
     messages = user("Describe it.", data_url(image, "JPEG"))
-    chunks = list(client.chat.completions.create(model="tiny-vlm", messages=messages, temperature=0,
-                                                 max_tokens=24, stream=True, stream_options={"include_usage": True}))
-    want, _ = expected(engine, "Describe it.", [Image.open(io.BytesIO(base64.b64decode(
-        messages[0]["content"][0]["image_url"]["url"].split(",")[1]))).convert("RGB")], max_new_tokens=24)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-vlm",
+            messages=messages,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    want, _ = expected(
+        engine,
+        "Describe it.",
+        [
+            Image.open(
+                io.BytesIO(base64.b64decode(messages[0]["content"][0]["image_url"]["url"].split(",")[1]))
+            ).convert("RGB")
+        ],
+        max_new_tokens=24,
+    )
     assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
     assert chunks[-1].usage.completion_tokens == want.completion_tokens and not chunks[-1].choices
 
-    raw = httpx.post(f"{server[0]}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                     json={"messages": messages, "max_tokens": 3, "stream": True})
+    raw = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+        json={"messages": messages, "max_tokens": 3, "stream": True},
+    )
     events = [line for line in raw.text.split("\n\n") if line]
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: {") for e in events[:-1])
 
 
-@pytest.mark.parametrize("thinking", [{"chat_template_kwargs": {"open_thinking": True}},
-                                      {"chat_template_kwargs": {"enable_thinking": True}}, {"open_thinking": True}])
+@pytest.mark.parametrize(
+    "thinking",
+    [
+        {"chat_template_kwargs": {"open_thinking": True}},
+        {"chat_template_kwargs": {"enable_thinking": True}},
+        {"open_thinking": True},
+    ],
+)
 def test_reasoning_is_split_when_thinking_is_on(client, engine, thinking):
-    reply = client.chat.completions.create(model="m", messages=user("Why?"), temperature=0, max_tokens=16,
-                                           extra_body=thinking)
+    reply = client.chat.completions.create(
+        model="m", messages=user("Why?"), temperature=0, max_tokens=16, extra_body=thinking
+    )
     want, _ = expected(engine, "Why?", open_thinking=True, max_new_tokens=16)
     assert reply.choices[0].message.reasoning_content == want.reasoning
     assert reply.choices[0].message.content == want.text
-    chunks = list(client.chat.completions.create(model="m", messages=user("Why?"), temperature=0, max_tokens=16,
-                                                 extra_body=thinking, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=user("Why?"), temperature=0, max_tokens=16, extra_body=thinking, stream=True
+        )
+    )
     deltas = [c.choices[0].delta for c in chunks]
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == want.reasoning
     assert "".join(d.content or "" for d in deltas) == want.text
@@ -176,23 +221,41 @@ def test_max_tokens_stop_and_seed_are_honoured(client, engine):
     short = client.chat.completions.create(model="m", messages=user("Count."), temperature=0, max_tokens=3)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
 
-    stop = next(full.text[i:i + 2] for i in range(2, len(full.text) - 1) if "\ufffd" not in full.text[i:i + 2])
-    stopped = client.chat.completions.create(model="m", messages=user("Count."), temperature=0, max_tokens=30,
-                                             stop=[stop])
+    stop = next(full.text[i : i + 2] for i in range(2, len(full.text) - 1) if "\ufffd" not in full.text[i : i + 2])
+    stopped = client.chat.completions.create(
+        model="m", messages=user("Count."), temperature=0, max_tokens=30, stop=[stop]
+    )
     assert stopped.choices[0].message.content == full.text[: full.text.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
 
-    sample = lambda seed: client.chat.completions.create(
-        model="m", messages=user("Count."), temperature=1.5, top_p=1.0, max_tokens=16, seed=seed,
-        extra_body={"top_k": 0}).choices[0].message.content
+    sample = lambda seed: (
+        client.chat.completions.create(
+            model="m",
+            messages=user("Count."),
+            temperature=1.5,
+            top_p=1.0,
+            max_tokens=16,
+            seed=seed,
+            extra_body={"top_k": 0},
+        )
+        .choices[0]
+        .message.content
+    )
     assert sample(11) == sample(11) != sample(12)
 
 
 def test_concurrent_clients_get_the_answers_they_get_alone(server, client):
-    requests = [user("hi"), user("What colour is the triangle?", data_url(picture(3))),
-                user("图片里有什么？", data_url(picture(4)), data_url(picture(5))), user("Is there a star?")] * 2
-    ask = lambda messages: client.chat.completions.create(model="m", messages=messages, temperature=0,
-                                                          max_tokens=24).choices[0].message.content
+    requests = [
+        user("hi"),
+        user("What colour is the triangle?", data_url(picture(3))),
+        user("图片里有什么？", data_url(picture(4)), data_url(picture(5))),
+        user("Is there a star?"),
+    ] * 2
+    ask = lambda messages: (
+        client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=24)
+        .choices[0]
+        .message.content
+    )
     alone = [ask(m) for m in requests[:4]]
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(ask, requests))
@@ -201,8 +264,12 @@ def test_concurrent_clients_get_the_answers_they_get_alone(server, client):
 
 
 def test_a_client_leaving_mid_stream_does_not_disturb_the_server(server, client):
-    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"messages": user("go on"), "max_tokens": 64, "stream": True}) as response:
+    with httpx.stream(
+        "POST",
+        f"{server[0]}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"messages": user("go on"), "max_tokens": 64, "stream": True},
+    ) as response:
         assert next(response.iter_lines()).startswith("data: {")
     reply = client.chat.completions.create(model="m", messages=user("hi"), temperature=0, max_tokens=4)
     assert reply.usage.completion_tokens <= 4 and reply.choices[0].message.content is not None
@@ -210,8 +277,9 @@ def test_a_client_leaving_mid_stream_does_not_disturb_the_server(server, client)
 
 def test_local_images_only_under_the_allowed_folder(server, client, engine, tmp_path):
     local = server[1]
-    reply = client.chat.completions.create(model="m", messages=user("?", str(local / "cat.png")), temperature=0,
-                                           max_tokens=8)
+    reply = client.chat.completions.create(
+        model="m", messages=user("?", str(local / "cat.png")), temperature=0, max_tokens=8
+    )
     assert reply.choices[0].message.content == expected(engine, "?", [picture(5)], max_new_tokens=8)[0].text
     picture(6).save(tmp_path / "outside.png")
     for url in [str(tmp_path / "outside.png"), "file://" + str(tmp_path / "outside.png"), "../outside.png"]:
@@ -226,8 +294,10 @@ def big_noise_png() -> str:
 BAD_REQUESTS = {
     "remote URL": (dict(messages=user("?", "https://example.com/cat.jpg")), "unsupported_image_url"),
     "invalid base64": (dict(messages=user("?", "data:image/png;base64,not*base64!")), "invalid_image_url"),
-    "not an image": (dict(messages=user("?", "data:image/png;base64," + base64.b64encode(b"plain text").decode())),
-                     "invalid_image"),
+    "not an image": (
+        dict(messages=user("?", "data:image/png;base64," + base64.b64encode(b"plain text").decode())),
+        "invalid_image",
+    ),
     "not base64 encoded": (dict(messages=user("?", "data:image/png,rawbytes")), "invalid_image_url"),
     "too many images": (dict(messages=user("?", *[data_url(picture(i)) for i in range(3)])), "too_many_images"),
     "image too large": (dict(messages=user("?", big_noise_png())), "image_too_large"),
@@ -238,13 +308,34 @@ BAD_REQUESTS = {
     "user content null": (dict(messages=[{"role": "user", "content": None}]), None),
     "max_tokens as a string": (dict(messages=user("?"), max_tokens="5"), None),
     "seed not an integer": (dict(messages=user("?"), seed=1.5), None),
-    "tool call of the wrong shape": (dict(messages=[*user("?"), {"role": "assistant", "tool_calls": [
-        {"function": "f"}]}]), None),
-    "tool parameters nested 600 deep": (dict(messages=user("?"), tools=[{"type": "function", "function": {
-        "name": "f", "parameters": json.loads('{"a": ' * 600 + "{}" + "}" * 600)}}]), None),
+    "tool call of the wrong shape": (
+        dict(messages=[*user("?"), {"role": "assistant", "tool_calls": [{"function": "f"}]}]),
+        None,
+    ),
+    "tool parameters nested 600 deep": (
+        dict(
+            messages=user("?"),
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": json.loads('{"a": ' * 600 + "{}" + "}" * 600)},
+                }
+            ],
+        ),
+        None,
+    ),
     "unknown role": (dict(messages=[{"role": "robot", "content": "hi"}]), None),
-    "image in assistant turn": (dict(messages=[{"role": "assistant", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), None),
+    "image in assistant turn": (
+        dict(
+            messages=[
+                {
+                    "role": "assistant",
+                    "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                }
+            ]
+        ),
+        None,
+    ),
     "temperature out of range": (dict(messages=user("?"), temperature=5), None),
     "n > 1": (dict(messages=user("?"), n=2), None),
     "five stop strings": (dict(messages=user("?"), stop=list("abcde")), None),
@@ -265,12 +356,18 @@ def test_malformed_json_and_streaming_errors_are_400(server):
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     broken = httpx.post(f"{server[0]}/v1/chat/completions", headers=headers, content=b"{not json")
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
-    streamed = httpx.post(f"{server[0]}/v1/chat/completions", headers=headers,
-                          content=json.dumps({"messages": user("x " * 500), "stream": True}))
+    streamed = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        headers=headers,
+        content=json.dumps({"messages": user("x " * 500), "stream": True}),
+    )
     assert streamed.status_code == 400 and streamed.json()["error"]["code"] == "context_length_exceeded"
     for content in ('"hi \\ud800"', '[{"type": "text", "text": "\\udfff"}]'):  # lone surrogates: no tokenizer
-        lone = httpx.post(f"{server[0]}/v1/chat/completions", headers=headers,
-                          content=b'{"messages": [{"role": "user", "content": ' + content.encode() + b"}]}")
+        lone = httpx.post(
+            f"{server[0]}/v1/chat/completions",
+            headers=headers,
+            content=b'{"messages": [{"role": "user", "content": ' + content.encode() + b"}]}",
+        )
         assert lone.status_code == 400 and "lone surrogate" in lone.json()["error"]["message"]
 
 

@@ -34,9 +34,24 @@ ALLOWED_ORIGIN = "http://allowed.example"
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """A server with small limits, a 1 s send timeout and one allowed CORS origin: (base_url, process)."""
-    flags = ["--max_batch", "32", "--max_tokens_limit", "40000", "--max_messages", "4", "--max_images", "2",
-             "--max_image_pixels", str(1000 * 1000), "--max_body_bytes", str(BODY_LIMIT), "--send_timeout", "1",
-             "--cors_origins", ALLOWED_ORIGIN]
+    flags = [
+        "--max_batch",
+        "32",
+        "--max_tokens_limit",
+        "40000",
+        "--max_messages",
+        "4",
+        "--max_images",
+        "2",
+        "--max_image_pixels",
+        str(1000 * 1000),
+        "--max_body_bytes",
+        str(BODY_LIMIT),
+        "--send_timeout",
+        "1",
+        "--cors_origins",
+        ALLOWED_ORIGIN,
+    ]
     with running_server(tiny_model_dir, tmp_path_factory.mktemp("faults"), *flags) as running:
         yield running
 
@@ -96,10 +111,20 @@ def test_help_lists_every_limit_with_its_default():
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     text = " ".join(parser.format_help().split())
-    for flag, default in [("--max_batch", "16"), ("--max_seq_len", "8192"), ("--max_tokens_limit", "8192"),
-                          ("--max_messages", "256"), ("--max_images", "8"), ("--max_image_bytes", "10485760"),
-                          ("--max_image_pixels", "16777216"), ("--max_queue", "256"), ("--max_connections", "512"),
-                          ("--request_timeout", "600.0"), ("--send_timeout", "30.0"), ("--host", "127.0.0.1")]:
+    for flag, default in [
+        ("--max_batch", "16"),
+        ("--max_seq_len", "8192"),
+        ("--max_tokens_limit", "8192"),
+        ("--max_messages", "256"),
+        ("--max_images", "8"),
+        ("--max_image_bytes", "10485760"),
+        ("--max_image_pixels", "16777216"),
+        ("--max_queue", "256"),
+        ("--max_connections", "512"),
+        ("--request_timeout", "600.0"),
+        ("--send_timeout", "30.0"),
+        ("--host", "127.0.0.1"),
+    ]:
         assert f"{flag} " in text and f"(default: {default}" in text.split(f"{flag} ", 1)[1], flag
     assert "--max_body_bytes" in text and "--cors_origins" in text
     args = parser.parse_args([])
@@ -114,8 +139,10 @@ def test_a_body_over_the_limit_is_refused_with_or_without_content_length(server)
 
     # Chunked, and never ending: the 413 comes once the limit is passed, not when the body ends.
     with socket.create_connection(("127.0.0.1", int(server[0].rsplit(":", 1)[1])), timeout=30) as raw:
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n")
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         piece = b"[" * 2**16
         for _ in range(3 * BODY_LIMIT // len(piece)):
             raw.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
@@ -158,11 +185,15 @@ def test_too_many_messages_is_refused(server):
 
 def test_cors_headers_only_for_allowed_origins(server):
     health = f"{server[0]}/health"
-    assert httpx.get(health, headers={"Origin": ALLOWED_ORIGIN}).headers["access-control-allow-origin"] == \
-        ALLOWED_ORIGIN
+    assert (
+        httpx.get(health, headers={"Origin": ALLOWED_ORIGIN}).headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    )
     assert "access-control-allow-origin" not in httpx.get(health, headers={"Origin": "http://evil.example"}).headers
-    preflight = {"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Origin": ALLOWED_ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     assert httpx.options(f"{server[0]}/v1/chat/completions", headers=preflight).status_code == 200
 
 
@@ -207,8 +238,9 @@ def test_clients_that_vanish_free_their_rows_and_memory(server):
 
 async def stream_text(client: httpx.AsyncClient, url: str, messages: list[dict]) -> str:
     pieces = []
-    async with client.stream("POST", url, json={"messages": messages, "max_tokens": 16, "temperature": 0,
-                                                "stream": True}) as response:
+    async with client.stream(
+        "POST", url, json={"messages": messages, "max_tokens": 16, "temperature": 0, "stream": True}
+    ) as response:
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 pieces += [c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"]]
@@ -223,8 +255,7 @@ def test_32_concurrent_streams_each_get_their_own_text(server):
 
     async def together() -> list[str]:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
-            return await asyncio.gather(*(stream_text(client, f"{server[0]}/v1/chat/completions", m)
-                                          for m in prompts))
+            return await asyncio.gather(*(stream_text(client, f"{server[0]}/v1/chat/completions", m) for m in prompts))
 
     assert asyncio.run(together()) == alone
     assert httpx.get(f"{server[0]}/health").json()["largest_batch"] > 1
@@ -277,12 +308,15 @@ def test_a_request_past_its_deadline_gets_a_504():
 def test_the_engine_drops_ended_and_cancelled_rows_at_the_next_step(lively_vlm, tiny_tokenizer, monkeypatch):
     rows = []
     step = Decoder.step
-    monkeypatch.setattr(Decoder, "step", lambda self: rows.append(self.finished.shape[0]) or step(self))
+    monkeypatch.setattr(Decoder, "step", lambda self: rows.append(len(tokens := step(self))) or tokens)
     engine = Engine(lively_vlm, tiny_tokenizer)
     requests = [ChatRequest([{"role": "user", "content": text}]) for text in ["hi", "How many shapes?", "red"]]
     configs = [GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None) for n in (2, 6, 6)]
-    completions = {e.row: e.completion for e in engine.run(requests, configs, cancelled=lambda row: row == 2)
-                   if e.completion is not None}
+    completions = {
+        e.row: e.completion
+        for e in engine.run(requests, configs, cancelled=lambda row: row == 2)
+        if e.completion is not None
+    }
     assert rows == [3, 2, 1, 1, 1, 1]  # row 2 cancelled after its first token, row 0 done after two
     assert [completions[r].finish_reason for r in range(3)] == ["length", "length", "cancelled"]
     assert completions[1].token_ids == engine.generate([requests[1]], configs[1])[0].token_ids

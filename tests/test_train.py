@@ -26,7 +26,8 @@ from minimind_v.options import add_model_arguments, model_options
 from training_data import sft_records, vlm_rows, write_all, write_jsonl, write_parquet
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_workers", "0", "--device", "cpu",
-        "--add_system_ratio", "0", "--log_interval", "1", "--num_threads", "1"]
+        "--add_system_ratio", "0", "--log_interval", "1", "--num_threads", "1",
+        "--cpu_dtype", "float32"]  # exact resume and parity: bf16 autocast is the default on CPUs with native bf16
 
 
 def run_cli(folder: Path, stage: str, *flags: str) -> None:
@@ -130,8 +131,8 @@ def test_too_many_bad_rows_stop_with_the_counts(chain, tmp_path):
 
 def test_nan_steps_are_skipped_then_stop_the_run(chain, tmp_path, monkeypatch):
     shutil.copy(chain / "out" / "llm_64.pth", tmp_path / "llm_64.pth")
-    real_ce = causal_lm.F.cross_entropy
-    monkeypatch.setattr(causal_lm.F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
+    real_loss = causal_lm.supervised_loss
+    monkeypatch.setattr(causal_lm, "supervised_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     with pytest.raises(SystemExit, match="3 optimizer steps in a row had a NaN/inf loss"):
         run_cli(chain, "llm-sft", "--data_path", str(chain / "data" / "sft.jsonl"), "--out_dir", str(tmp_path),
                 "--from_weight", "llm", "--save_weight", "nan", "--max_nonfinite_steps", "3", "--save_interval", "1",
@@ -154,6 +155,25 @@ def test_sigterm_saves_and_stops_cleanly(chain, tmp_path, monkeypatch):
                 "--checkpoint_dir", str(tmp_path), "--from_weight", "none", "--batch_size", "4", "--max_steps", "5")
     assert stopped.value.code == 128 + signal.SIGTERM
     assert load_resume(str(tmp_path / "llm_64_resume.pth"))["counters"]["global_step"] == 2
+
+
+def test_max_minutes_ends_training_early_with_the_weights_saved(chain, tmp_path, monkeypatch, capsys):
+    """A time budget: the step that passes --max_minutes is the last one, and the run ends as at its last step
+    (weights and summary written), not as a stopped run."""
+    step = loop.Loop._optimizer_step
+
+    def slow_step(self, group):
+        step(self, group)
+        if self.state.global_step == 2:  # counted after the step: this is the third
+            self.started -= 120  # it takes two minutes
+
+    monkeypatch.setattr(loop.Loop, "_optimizer_step", slow_step)
+    run_cli(chain, "llm-sft", "--data_path", str(chain / "data" / "sft.jsonl"), "--out_dir", str(tmp_path),
+            "--checkpoint_dir", str(tmp_path), "--log_dir", str(tmp_path), "--from_weight", "none", "--batch_size",
+            "4", "--max_steps", "20", "--max_minutes", "1")
+    assert "--max_minutes 1 passed: training ends at step 3 of 16" in capsys.readouterr().out
+    assert load_resume(str(tmp_path / "llm_64_resume.pth"))["counters"]["global_step"] == 3
+    assert json.loads((tmp_path / "llm_64" / "summary.json").read_text())["steps"] == 3
 
 
 def vlm_argv(folder: Path, out: str, *flags: str) -> list[str]:

@@ -32,7 +32,7 @@ MAX_NEW_TOKENS = 48
 
 
 def webui_args(*flags: str):
-    return cli.build_parser(["webui"]).parse_args(["webui", "--device", "cpu", *flags])
+    return cli.build_parser(["webui"]).parse_args(["webui", "--device", "cpu", "--dtype", "float32", *flags])
 
 
 def test_find_models_follows_the_reference_rule_and_finds_native_weights(tmp_path):

@@ -15,19 +15,28 @@ from typing import TextIO
 
 from PIL import Image
 
-from .generate import ChatRequest, Completion, Engine, GenerationConfig, inference_dtype
+from .generate import ChatRequest, Completion, Engine, GenerationConfig, inference_dtype, pack_linear_weights
 from .loading import load_model
-from .options import add_model_arguments, add_sampling_arguments, model_options, sampling_config
+from .options import add_dtype_argument, add_model_arguments, add_sampling_arguments, model_options, sampling_config
 from .tokenizer import IMAGE_MARKER
 from .vision import load_image
 
-HELP = ("commands: /image PATH (attach an image to the next message; repeat for several), /reset, "
-        "/think on|off, /quit")
+HELP = "commands: /image PATH (attach an image to the next message; repeat for several), /reset, /think on|off, /quit"
+
+
+def load_for_inference(args):
+    """(model, tokenizer) of the `add_model_arguments` flags, its weights in the `--dtype` that `inference_dtype`
+    picks; the choice and its reason go to stderr."""
+    dtype, reason = inference_dtype(args.device, args.dtype)
+    print(f"[weights in {str(dtype).removeprefix('torch.')}: {reason}]", file=sys.stderr)
+    return load_model(**model_options(args), dtype=dtype)
 
 
 def load_engine(args) -> Engine:
-    """The model of the `add_model_arguments` flags (bf16 on CUDA, see `inference_dtype`), ready to chat."""
-    model, tokenizer = load_model(**model_options(args), dtype=inference_dtype(args.device, args.quantize))
+    """The model of the `add_model_arguments` and `--dtype` flags, ready to chat (bf16 linear layers of a CPU
+    model packed for fast decoding, see `pack_linear_weights`)."""
+    model, tokenizer = load_for_inference(args)
+    pack_linear_weights(model)
     return Engine(model, tokenizer, max_prompt_tokens=args.max_seq_len)
 
 
@@ -39,8 +48,9 @@ def load_engine_or_exit(args) -> Engine:
         raise SystemExit(f"could not load the model: {err}") from err
 
 
-def print_reply(engine: Engine, request: ChatRequest, config: GenerationConfig, out: TextIO,
-                show_speed: bool) -> Completion:
+def print_reply(
+    engine: Engine, request: ChatRequest, config: GenerationConfig, out: TextIO, show_speed: bool
+) -> Completion:
     """Stream one reply to `out` (reasoning, when there is any, under its own heading) and return it."""
     section = None
     for event in engine.stream(request, config):
@@ -69,8 +79,7 @@ def print_reply(engine: Engine, request: ChatRequest, config: GenerationConfig, 
 class ChatSession:
     """The conversation so far: messages with `<image>` markers, and the images they refer to, in order."""
 
-    def __init__(self, engine: Engine, config: GenerationConfig, open_thinking: bool = False,
-                 show_speed: bool = True):
+    def __init__(self, engine: Engine, config: GenerationConfig, open_thinking: bool = False, show_speed: bool = True):
         self.engine, self.config = engine, config
         self.open_thinking, self.show_speed = open_thinking, show_speed
         self.reset()
@@ -138,6 +147,7 @@ def input_lines(interactive: bool) -> Iterable[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, weight="sft_vlm")
+    add_dtype_argument(parser)
     add_sampling_arguments(parser)
 
 

@@ -29,6 +29,7 @@ import torch
 from .chat_encoder import IGNORE
 from .config import IMAGE_TOKEN_ID
 from .samples import BadSample, Prompt, Sample, SampleBuilder, decode_record, record_fields
+from .vision_cache import FeatureReader
 
 JSONL_BLOCK = 1024  # lines per jsonl chunk
 
@@ -247,7 +248,7 @@ class EpochOrder:
 
 class Movable:
     """What the loop needs of any micro-batch dataclass besides its counters: the tokens it processes, and its
-    tensors (and lists of tensors, such as pixel_values) moved or pinned."""
+    tensors (and lists of tensors, such as pixel_values, and nested Movables) moved or pinned."""
 
     @property
     def processed_tokens(self) -> int:
@@ -259,6 +260,8 @@ class Movable:
                 return fn(value)
             if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
                 return [fn(v) for v in value]
+            if isinstance(value, Movable):
+                return value._map(fn)
             return value
 
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
@@ -268,6 +271,20 @@ class Movable:
 
     def to(self, device: torch.device | str):
         return self._map(lambda t: t.to(device, non_blocking=True))
+
+
+@dataclass
+class FeatureLookup(Movable):
+    """What the vision cache holds of a micro-batch's M images (reading order: H hits, M - H misses).
+
+    hits: [H, L, D] tower outputs (None without hits); slots [M] int64: where image m sits in cat(hits, tower
+    outputs of the misses); miss_keys [M - H, 16] uint8 (host): the cache keys of the misses, whose pixels are
+    the batch's pixel_values; row_counts: the number of images of each of the R rows."""
+
+    hits: torch.Tensor | None
+    slots: torch.Tensor
+    miss_keys: np.ndarray
+    row_counts: list[int]
 
 
 @dataclass
@@ -281,6 +298,9 @@ class Batch(Movable):
     pixel_values: None (no image in the batch) or R tensors [N_r, 3, S, S], the images of row r in reading
     order. targets: [] int64 tensor, the number of supervised positions (labels[:, 1:] != -100).
     samples: the rows trained on (a pair is one row).
+    With a vision cache, pixel_values hold only the images it lacks and `lookup` says what it holds; the
+    training process then sets `image_features`, R tensors [N_r, L, D] (every image's tower output), in their
+    place.
     """
 
     input_ids: torch.Tensor
@@ -293,6 +313,8 @@ class Batch(Movable):
     real_tokens: int
     rows_read: int
     bad: Counter = field(default_factory=Counter)
+    lookup: FeatureLookup | None = None
+    image_features: list[torch.Tensor] | None = None
 
 
 def assign_rows(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -350,13 +372,15 @@ def pack(samples: list[Sample], max_seq_len: int, packing: bool = True, image_id
     input_ids[token_row, column] = np.concatenate([samples[i].ids for i in order])
     labels[token_row, column] = np.concatenate([samples[i].labels for i in order])
     position_ids[token_row, column] = flat - doc_start[token_doc]
-    pixel_values = _row_pixels(samples, order, doc_rows, num_rows)
+    images = np.array([_image_count(samples[i]) for i in order], dtype=np.int64)
+    row_images = np.bincount(doc_rows, weights=images, minlength=num_rows).astype(np.int64)
     if image_token_len:
-        _check_row_images(input_ids, pixel_values, image_id, image_token_len)
+        _check_row_images(input_ids, row_images, image_id, image_token_len)
     targets = int(np.count_nonzero(labels[:, 1:] != IGNORE))
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(position_ids),
-                 torch.from_numpy(documents), pixel_values, torch.tensor(targets),
-                 len(samples) if rows_used is None else rows_used, int(lengths.sum()), rows_read, bad)
+                 torch.from_numpy(documents), _row_pixels(samples, order, doc_rows, num_rows), torch.tensor(targets),
+                 len(samples) if rows_used is None else rows_used, int(lengths.sum()), rows_read, bad,
+                 _feature_lookup([samples[i] for i in order], row_images))
 
 
 @dataclass
@@ -412,8 +436,28 @@ def _row_pixels(samples: list[Sample], order: np.ndarray, doc_rows: np.ndarray, 
     return list(torch.from_numpy(np.concatenate(pixels)).split(per_row.tolist()))
 
 
-def _check_row_images(input_ids: np.ndarray, pixel_values, image_id: int, block: int) -> None:
-    counts = np.array([len(p) for p in pixel_values]) if pixel_values is not None else 0
+def _image_count(sample: Sample) -> int:
+    if sample.cached is not None:
+        return len(sample.cached.hit)
+    return 0 if sample.pixels is None else len(sample.pixels)
+
+
+def _feature_lookup(samples: list[Sample], row_images: np.ndarray) -> FeatureLookup | None:
+    """What the vision cache holds of the images of these documents (in row order), or None without a cache or
+    without images."""
+    cached = [sample.cached for sample in samples if sample.cached is not None]
+    if not cached:
+        return None
+    hit = np.concatenate([c.hit for c in cached])  # [M]
+    hits = [c.features for c in cached if c.features is not None]
+    slots = np.empty(len(hit), dtype=np.int64)
+    slots[hit] = np.arange(np.count_nonzero(hit))
+    slots[~hit] = np.count_nonzero(hit) + np.arange(np.count_nonzero(~hit))
+    return FeatureLookup(torch.cat(hits) if hits else None, torch.from_numpy(slots),
+                         np.concatenate([c.keys for c in cached])[~hit], row_images.tolist())
+
+
+def _check_row_images(input_ids: np.ndarray, counts: np.ndarray, image_id: int, block: int) -> None:
     placeholders = np.count_nonzero(input_ids == image_id, axis=1)
     if np.any(placeholders != counts * block):
         raise RuntimeError(f"packed rows hold {placeholders.tolist()} image tokens for {counts} images")
@@ -423,18 +467,21 @@ def _check_row_images(input_ids: np.ndarray, pixel_values, image_id: int, block:
 # Micro-batches of one process
 
 
-def sample_builder(config: DataConfig, tokenizer, image_processor=None) -> SampleBuilder:
+def sample_builder(config: DataConfig, tokenizer, image_processor=None,
+                   vision_cache: FeatureReader | None = None) -> SampleBuilder:
     return SampleBuilder(config.kind, tokenizer, config.max_seq_len, config.image_token_len, image_processor,
-                         config.add_system_ratio, config.empty_think_ratio, config.thinking_ratio, config.needs_answer)
+                         config.add_system_ratio, config.empty_think_ratio, config.thinking_ratio, config.needs_answer,
+                         vision_cache=vision_cache)
 
 
 class TrainingData:
-    """Everything needed to produce micro-batches of any epoch: chunk index, sample builder, packing rules."""
+    """Everything needed to produce micro-batches of any epoch: chunk index, sample builder, packing rules.
+    With `vision_cache`, images it holds come as tower features, neither decoded nor encoded again."""
 
-    def __init__(self, config: DataConfig, tokenizer, image_processor=None):
+    def __init__(self, config: DataConfig, tokenizer, image_processor=None, vision_cache: FeatureReader | None = None):
         self.config = config
         self.chunks = index_chunks(config)
-        self.builder = sample_builder(config, tokenizer, image_processor)
+        self.builder = sample_builder(config, tokenizer, image_processor, vision_cache)
         self.total_rows = sum(c.rows for c in self.chunks)
 
     def epoch(self, epoch: int, start_row: int, batch_size: int, rank: int = 0, world_size: int = 1) -> MicroBatches:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+AFTER_TRAINING_SECONDS = 120  # kept from the time budget for export, evaluation, plots and chats
+
 
 @dataclass
 class Step:
@@ -66,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--cpu_dtype", choices=["float32", "bfloat16"], default=None,
                        help="CPU training precision (default: bfloat16 where the CPU has native bf16, else float32)")
     parser.add_argument("--chats", type=int, default=3, help="held-out images to chat about at the end")
+    parser.add_argument("--time_budget", type=float, default=30,
+                        help="minutes for the whole demo: each training phase gets --max_minutes, its share (by "
+                             f"steps) of what is left after {AFTER_TRAINING_SECONDS} s kept for evaluation and chats, "
+                             "so a slow machine ends training early and still reports; 0: no limit")
 
 
 def _check(args) -> None:
@@ -77,6 +83,8 @@ def _check(args) -> None:
     focus_phases(args)
     if args.chats < 0:
         raise SystemExit("demo: --chats must not be negative")
+    if args.time_budget < 0:
+        raise SystemExit("demo: --time_budget must not be negative (0: no limit)")
 
 
 def init_std(hidden_size: int) -> float:
@@ -86,9 +94,9 @@ def init_std(hidden_size: int) -> float:
 
 
 def default_cpu_dtype() -> str:
-    from .distributed import native_cpu_bf16
+    from .distributed import resolve_cpu_dtype
 
-    return "bfloat16" if native_cpu_bf16() else "float32"
+    return resolve_cpu_dtype("auto")
 
 
 def fill_defaults(args) -> None:
@@ -214,17 +222,27 @@ def focus_commands(args, p: dict[str, str], common: list[str]) -> list[Step]:
     ]
 
 
-def run_steps(steps: list[Step]) -> list[tuple[Step, float]]:
-    """Run each command in this process; returns (step, seconds)."""
+def run_steps(steps: list[Step], budget_minutes: float = 0) -> list[tuple[Step, float]]:
+    """Run each command in this process; returns (step, seconds). With a budget, each training command gets
+    `--max_minutes`: its share, by planned steps, of the time left for the training still to come."""
     from .cli import main as cli_main
 
-    timings = []
+    timings, start = [], time.perf_counter()
     for number, step in enumerate(steps, 1):
+        if budget_minutes and step.argv[0] == "train":
+            left = budget_minutes * 60 - (time.perf_counter() - start) - AFTER_TRAINING_SECONDS
+            share = planned_steps(step) / sum(planned_steps(s) for s in steps[number - 1:])
+            step = Step(step.title, step.argv + ["--max_minutes", f"{max(left * share / 60, 0.01):.2f}"])
         print(f"\n[{number}/{len(steps)}] {step.title}\n$ minimind-v {' '.join(step.argv)}", flush=True)
-        start = time.perf_counter()
+        started = time.perf_counter()
         cli_main(step.argv)
-        timings.append((step, time.perf_counter() - start))
+        timings.append((step, time.perf_counter() - started))
     return timings
+
+
+def planned_steps(step: Step) -> int:
+    """The --max_steps of a training command (0 for any other command)."""
+    return int(step.argv[step.argv.index("--max_steps") + 1]) if step.argv[0] == "train" else 0
 
 
 @dataclass
@@ -340,7 +358,7 @@ def main(args) -> None:
 
     steps = plan(args)
     start = time.perf_counter()
-    timings = run_steps(steps)
+    timings = run_steps(steps, args.time_budget)
     print(f"\n[chat] {args.chats} held-out images, asked through {paths(args.out_dir)['hf']}", flush=True)
     chat_start = time.perf_counter()
     chats = sample_chats(args)

@@ -11,12 +11,26 @@ import sys
 
 from .chat import load_engine_or_exit, print_reply
 from .generate import ChatRequest
-from .options import add_model_arguments, add_sampling_arguments, sampling_config
+from .options import add_dtype_argument, add_model_arguments, add_sampling_arguments, sampling_config
 from .tokenizer import IMAGE_MARKER
 from .vision import load_image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
-                    ".pnm", ".tga", ".ico")
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".tga",
+    ".ico",
+)
 DEFAULT_PROMPT = "请描述这张图片中的主要物体和场景。"  # "Describe the main objects and the scene in this picture."
 
 
@@ -32,6 +46,7 @@ def image_files(folder: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, weight="sft_vlm")
+    add_dtype_argument(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--image_dir", default=os.path.join("dataset", "eval_images"))
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="question asked about every image")
@@ -51,8 +66,9 @@ def main(args) -> None:
             continue
         messages = [{"role": "user", "content": f"{IMAGE_MARKER}\n{args.prompt}"}]
         print(f"[Image]: {os.path.basename(path)}\n[Q]: {args.prompt}\n[A]: ", end="", flush=True)
-        print_reply(engine, ChatRequest(messages, [image], bool(args.open_thinking)), config, sys.stdout,
-                    bool(args.show_speed))
+        print_reply(
+            engine, ChatRequest(messages, [image], bool(args.open_thinking)), config, sys.stdout, bool(args.show_speed)
+        )
         print()
         described += 1
     print(f"described {described} image(s)" + (f", skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))

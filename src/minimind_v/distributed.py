@@ -1,4 +1,5 @@
-"""Process layout for training: one process, or `torchrun` with NCCL on CUDA and gloo on CPU.
+"""Process layout for training: one process, or `torchrun` with NCCL on CUDA and gloo on CPU; and what the CPU
+offers for bf16, which decides the CPU training precision.
 
 Small control messages (stop requests, row and token counters, RNG states) always travel over a gloo group on
 the CPU, so they never force the GPU to synchronise.
@@ -81,9 +82,40 @@ def all_reduce_sum(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
     return tensor
 
 
+CPU_DTYPES = ("auto", "float32", "bfloat16")
+
+
 def native_cpu_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), so `--cpu_dtype bfloat16` pays."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_bf16_feature() -> str | None:
+    """What gives this CPU native bf16 matrix products: "AMX", "AVX512-BF16" (or "oneDNN bf16" where the CPU
+    flags do not say, on another architecture); None when it has none."""
+    if not native_cpu_bf16():
+        return None
+    flags = cpu_flags()
+    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "oneDNN bf16"
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def resolve_cpu_dtype(requested: str) -> str:
+    """`--cpu_dtype` -> the CPU training precision: `auto` is bfloat16 (autocast of the matrix products) on a CPU
+    with native bf16, else float32; float32 and bfloat16 are kept."""
+    if requested not in CPU_DTYPES:
+        raise ValueError(f"--cpu_dtype must be one of {', '.join(CPU_DTYPES)} (got {requested!r})")
+    if requested == "auto":
+        return "bfloat16" if cpu_bf16_feature() else "float32"
+    return requested

@@ -384,11 +384,9 @@ def preference_scores(model, tokenizer, path: str, batch_size: int = 16, max_sam
     import random
 
     import pyarrow.parquet as pq
-    import torch
 
     from .data import pack
-    from .objectives.base import forward
-    from .objectives.dpo import document_logps
+    from .objectives.base import frozen_logps, sum_per_document, supervised
     from .samples import BadSample, SampleBuilder
 
     vision = getattr(model, "vision_encoder", None) is not None
@@ -402,8 +400,9 @@ def preference_scores(model, tokenizer, path: str, batch_size: int = 16, max_sam
     def score(documents: list) -> None:
         batch = pack(documents, builder.max_seq_len, packing=False, image_token_len=block,
                      rows_used=len(documents) // 2).to(device)
-        with torch.no_grad():
-            logps = document_logps(forward(model, batch, packing=False, vision=vision).logits, batch)
+        _, _, owner = supervised(batch)
+        logps = sum_per_document(frozen_logps(model, model, batch, packing=False, vision=vision), owner,
+                                 len(documents))
         margins.extend((logps[0::2] - logps[1::2]).tolist())
 
     parquet = pq.ParquetFile(path)
@@ -438,7 +437,7 @@ def scored_as(path: str) -> tuple[bool, bool]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .options import add_model_arguments
+    from .options import add_dtype_argument, add_model_arguments
 
     parser.add_argument("--data_path", required=True,
                         help="test parquet (`minimind-v data synth` vlm_test.parquet or a generic VQA parquet)")
@@ -455,14 +454,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="1: open a think block in the prompt (for models trained to reason before answering)")
     parser.add_argument("--max_samples", type=int, default=None, help="score only the first N questions")
     add_model_arguments(parser)
+    add_dtype_argument(parser)
 
 
 def main(args) -> None:
     from tqdm import tqdm
 
+    from .chat import load_for_inference
     from .generate import Engine
-    from .loading import load_model
-    from .options import model_options
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("eval: --batch_size and --max_new_tokens must be at least 1")
@@ -470,7 +469,7 @@ def main(args) -> None:
         raise SystemExit(f"eval: no such file: {args.data_path}")
     if args.train_path and not os.path.isfile(args.train_path):
         raise SystemExit(f"eval: no such file: {args.train_path}")
-    model, tokenizer = load_model(**model_options(args))
+    model, tokenizer = load_for_inference(args)
     pairs, questions = scored_as(args.data_path)
     result = {}
     if questions:

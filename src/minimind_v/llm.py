@@ -3,9 +3,11 @@
 Shapes: B batch, T new tokens, S = cached + new tokens (key length), H hidden size, nh query heads,
 nkv key/value heads, hd head size, V vocabulary, E experts.
 
-Attention always goes through `scaled_dot_product_attention`. One boolean mask per forward (built in
-`attention_mask_for`) covers causality, left padding and packed documents; RoPE angles are computed from
-position ids on every call, so no table can be left uninitialised by a meta-device load.
+Attention goes through `scaled_dot_product_attention` with one boolean mask per forward (built in
+`attention_mask_for`: causality, left padding and packed documents), shared by every layer and head; packed
+training rows on CUDA go through a compiled `flex_attention` instead, with a block mask that skips the blocks
+between documents. RoPE angles are computed from position ids on every call, so no table can be left
+uninitialised by a meta-device load.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -45,20 +48,18 @@ class RotaryEmbedding(nn.Module):
         self.theta = config.rope_theta
         self.table_len = config.max_position_embeddings
         self.scaling = config.yarn_scaling
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
-        """[hd/2] float32 inverse frequencies, built on first use per device."""
-        if device not in self._inv_freq:
-            d = self.head_dim
-            freqs = 1.0 / (self.theta ** (torch.arange(0, d, 2, device="cpu")[: d // 2].float() / d))
-            s = self.scaling
-            if s is not None and self.table_len / s["original_max_position_embeddings"] > 1:
-                freqs = freqs * self._yarn_multipliers(s)
-            self._inv_freq[device] = freqs.to(device)
-        return self._inv_freq[device]
+        """[hd/2] float32 inverse frequencies, computed on `device` on every call (a handful of tiny ops, and
+        nothing cached that a meta-device load could leave empty or that torch.compile would guard on)."""
+        d = self.head_dim
+        freqs = 1.0 / (self.theta ** (torch.arange(0, d, 2, device=device)[: d // 2].float() / d))
+        s = self.scaling
+        if s is not None and self.table_len / s["original_max_position_embeddings"] > 1:
+            freqs = freqs * self._yarn_multipliers(s, device)
+        return freqs
 
-    def _yarn_multipliers(self, s: dict) -> torch.Tensor:
+    def _yarn_multipliers(self, s: dict, device: torch.device) -> torch.Tensor:
         d, orig = self.head_dim, s["original_max_position_embeddings"]
 
         def inv_dim(beta: float) -> float:
@@ -66,7 +67,7 @@ class RotaryEmbedding(nn.Module):
 
         low = max(math.floor(inv_dim(s["beta_fast"])), 0)
         high = min(math.ceil(inv_dim(s["beta_slow"])), d // 2 - 1)
-        ramp = ((torch.arange(d // 2).float() - low) / max(high - low, 0.001)).clamp(0, 1)
+        ramp = ((torch.arange(d // 2, device=device).float() - low) / max(high - low, 0.001)).clamp(0, 1)
         return 1 - ramp + ramp / s["factor"]
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,21 +189,55 @@ def attention_mask_for(
     return mask.unsqueeze(1)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+def packed_block_mask(position_ids: torch.Tensor) -> BlockMask:
+    """flex_attention's block mask for packed documents, position_ids [B, T]: causal inside each document (every
+    0 starts one). Built once per forward; blocks outside every document are skipped, not masked."""
+    document = (position_ids == 0).cumsum(dim=1)
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (document[b, q_idx] == document[b, kv_idx])
+
+    batch, length = position_ids.shape
+    return create_block_mask(same_document_causal, batch, None, length, length, device=position_ids.device)
+
+
+def use_flex_attention(device: torch.device, packed: bool, dropout: float) -> bool:
+    """Packed training rows on CUDA go through flex_attention (block-sparse); elsewhere, and with dropout, which
+    flex_attention lacks, the dense mask goes to scaled_dot_product_attention (on a CPU, flex_attention has no
+    backward)."""
+    return packed and device.type == "cuda" and dropout == 0.0
+
+
+_compiled_flex_attention = None
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """q [B, nh, T, hd]; k, v [B, nkv, T, hd] -> [B, nh, T, hd], through a compiled flex_attention (its eager
+    form materialises the scores)."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,
          dropout_p: float) -> torch.Tensor:
-    """q [B, nh, T, hd]; k, v [B, nkv, S, hd]; mask [B, 1, T, S] or None -> [B, nh, T, hd].
+    """q [B, nh, T, hd]; k, v [B, nkv, S, hd]; mask [B, 1, T, S], a BlockMask or None -> [B, nh, T, hd].
 
     Query head j uses key/value head j // (nh / nkv). With a cache the query heads are folded onto their
     key/value head ([B, nkv, rep*T, hd]) so the cache is read in place instead of being repeated.
     """
+    if isinstance(mask, BlockMask):
+        return flex(q, k, v, mask)
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # CPU bf16 autocast: the bf16 attention kernels are slower than float32 ones (the backward ~2x).
         with torch.autocast("cpu", enabled=False):
             return sdpa(q.float(), k.float(), v.float(), mask, dropout_p).to(q.dtype)
     batch, heads, new, hd = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
-    if mask is None and total == new:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=new > 1, dropout_p=dropout_p, enable_gqa=True)
+    if total == new:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and new > 1,
+                                              dropout_p=dropout_p, enable_gqa=True)
     rep = heads // kv_heads
     folded = q.reshape(batch, kv_heads, rep * new, hd)
     if mask is not None:
@@ -348,11 +383,13 @@ class MiniMindModel(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None:
             cache.reserve(past + new)
+        packed = position_ids is not None and attention_mask is None and past == 0
         if position_ids is None:
             position_ids = positions_for(batch, new, past, h.device, attention_mask)
-            mask = attention_mask_for(batch, new, past, h.device, attention_mask, None)
+        if use_flex_attention(h.device, packed, self.config.dropout if self.training else 0.0):
+            mask = packed_block_mask(position_ids)
         else:
-            mask = attention_mask_for(batch, new, past, h.device, attention_mask, position_ids)
+            mask = attention_mask_for(batch, new, past, h.device, attention_mask, position_ids if packed else None)
         rope = self.rotary(position_ids)
         aux = h.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
@@ -416,12 +453,15 @@ class MiniMindForCausalLM(PreTrainedModel):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        compute_logits: bool = True,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """input_ids [B, T] -> logits [B, T or logits_to_keep, V].
 
         labels [B, T] are not shifted: position t is scored on predicting labels[t+1]; -100 is ignored.
         With `use_cache`, `past_key_values` of the output is a `KVCache` to pass back with the next tokens.
+        `compute_logits=False` returns only the final hidden states [B, T, H] (`logits` None), for losses that
+        apply `lm_head` themselves on the positions they need.
         """
         cache = as_kv_cache(past_key_values)
         if use_cache and cache is None:
@@ -430,9 +470,9 @@ class MiniMindForCausalLM(PreTrainedModel):
             cache = KVCache.for_model(self.config, batch, new, ref.dtype, ref.device)
         hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        logits = self.lm_head(kept)
+        logits = self.lm_head(kept) if compute_logits else None
         loss = None
-        if labels is not None:
+        if labels is not None and logits is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )

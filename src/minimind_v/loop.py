@@ -6,6 +6,9 @@ The loss of a step is the objective's summed loss over every unit of the step (s
 pairs for DPO), on every process and micro-batch, divided by the number of those units, plus the MoE auxiliary
 loss: a long sample weighs the same whatever it is batched with. Nothing here waits for the device except the log
 lines (every `--log_interval` steps) and the progress bar (every few seconds).
+
+Each log line also reports the achieved model FLOP/s, the MFU (against the device's peak, see `flops`) and the data
+stall: the fraction of the wall time since the previous line spent waiting for the DataLoader's next batch.
 """
 
 from __future__ import annotations
@@ -18,14 +21,27 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from itertools import islice
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from . import distributed
 from .checkpoint import set_rng_state
 from .data import Batch, loader
+from .flops import StepFlops, batch_work, peak_flops
 from .samples import BAD_REASONS
-from .tracking import Progress, Tracker, format_bad_rows, format_metrics, format_summary, reference_line
+from .tracking import (
+    Progress,
+    Tracker,
+    format_bad_rows,
+    format_efficiency,
+    format_flops,
+    format_metrics,
+    format_summary,
+    reference_line,
+)
+from .train_config import TrainConfig
 from .trainer import Trainer, TrainingError, ceil_div, seed_everything
 from .weights import atomic_write
 
@@ -42,6 +58,43 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+
+
+def training_precision(config: TrainConfig, cuda: bool) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype of the matrix products (None: float32 throughout) and the log line that says why."""
+    if cuda:
+        dtype = None if config.dtype == "float32" else getattr(torch, config.dtype)
+        what = "float32" if dtype is None else f"{config.dtype} autocast"
+        scaler = " with a GradScaler" if config.dtype == "float16" else ""
+        return dtype, f"precision: {what}{scaler} on CUDA (--dtype {config.dtype})"
+    feature = distributed.cpu_bf16_feature()
+    if config.cpu_dtype == "float32":
+        why = f"--cpu_dtype float32, native bf16: {feature}" if feature else "no native bf16 (AVX512-BF16 or AMX) here"
+        return None, f"precision: float32 on CPU ({why})"
+    if feature:
+        return torch.bfloat16, (f"precision: bfloat16 autocast on CPU (native bf16: {feature}); --cpu_dtype float32 "
+                                "to keep fp32")
+    return torch.bfloat16, ("precision: bfloat16 autocast on CPU (--cpu_dtype bfloat16 without native bf16: slower "
+                            "than float32 here)")
+
+
+def frozen_models(trainer: Trainer) -> list[nn.Module]:
+    """The models the objective runs without gradients on each micro-batch besides the trained one: DPO's reference
+    (the starting weights, or the policy with its adapters off: the same products) or distillation's teacher."""
+    if trainer.stage.objective == "dpo":
+        return [trainer.model]
+    if trainer.stage.objective == "distill":
+        return [trainer.objective.teacher]
+    return []
+
+
+class Mark(NamedTuple):
+    """Where the run stood at the previous log line: wall time, counters, model FLOPs and data wait so far."""
+
+    time: float
+    state: dict
+    flops: float
+    waited: float
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int = 0) -> float:
@@ -102,6 +155,12 @@ class Loop:
         self.last_loss = torch.zeros((), device=trainer.device)
         self.last_saved_step = self.state.global_step
         self.lr = 0.0
+        self.autocast_dtype, self.precision = training_precision(self.config, trainer.cuda)
+        grpo = trainer.stage.objective == "grpo"  # its steps sample answers the batch does not hold: no FLOP count
+        self.step_flops = None if grpo else StepFlops(trainer.model, frozen_models(trainer))
+        self.peak: float | None = None
+        self.flops_done = self.waited = self.step_wait = 0.0
+        self.out_of_time = False  # --max_minutes passed (decided on the counts of every process)
 
     def run(self) -> None:
         trainer, config, state = self.trainer, self.config, self.state
@@ -109,6 +168,10 @@ class Loop:
                     f"samples x {trainer.processes.world_size} processes x {config.accumulation_steps} accumulation "
                     f"per step, {trainer.steps_per_epoch} steps per epoch, {trainer.total_steps} steps in all, "
                     f"device {trainer.device}")
+        trainer.log(self.precision)
+        if self.step_flops and trainer.processes.is_main:
+            self.peak, source = peak_flops(trainer.device, self.autocast_dtype or torch.float32)
+            trainer.log(f"MFU against a peak of {format_flops(self.peak)} per process ({source})")
         self.tracker = None
         if trainer.processes.is_main:
             self.tracker = Tracker(trainer.run_dir, config.logger, config.wandb_project,
@@ -119,7 +182,7 @@ class Loop:
             trainer.logger_id = self.tracker.run_id
         self.progress = Progress(trainer.total_steps, state.global_step, trainer.processes.is_main)
         self.started = time.time()
-        self.mark = (self.started, asdict(state))
+        self.mark = Mark(self.started, asdict(state), 0.0, 0.0)
         self.first = asdict(state)
         self.bar_loss = (self.started, float("nan"))
         self.final_loss = float("nan")
@@ -128,6 +191,9 @@ class Loop:
                 self._run_epoch()
         finally:
             self.progress.close()
+        if self.out_of_time:
+            trainer.log(f"--max_minutes {config.max_minutes:g} passed: training ends at step {state.global_step} of "
+                        f"{trainer.total_steps}")
         if self.stop.signum is None and state.global_step != self.last_saved_step:
             self._save()
         self._summary()
@@ -135,8 +201,8 @@ class Loop:
             self.tracker.close()
 
     def _finished(self) -> bool:
-        return self.stop.signum is not None or (bool(self.config.max_steps)
-                                                and self.state.global_step >= self.config.max_steps)
+        return self.stop.signum is not None or self.out_of_time or (bool(self.config.max_steps)
+                                                                    and self.state.global_step >= self.config.max_steps)
 
     def _save(self) -> None:
         if self.tracker:
@@ -159,7 +225,9 @@ class Loop:
         epoch_clock = (time.time(), state.step)
         try:
             while not self._finished():
+                waiting = time.perf_counter()
                 group = list(islice(batches, config.accumulation_steps))
+                self.step_wait = time.perf_counter() - waiting
                 if not group:
                     break
                 self._optimizer_step(group)
@@ -226,39 +294,54 @@ class Loop:
         self.sums.add(bad, self.last_loss, aux_total, local_units, metric_totals)
 
     def _autocast(self):
-        if not self.trainer.cuda:
-            if self.config.cpu_dtype == "bfloat16":
-                return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.autocast_dtype is None:
             return nullcontext()
-        if self.config.dtype == "float32":
-            return nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float16)
+        return torch.autocast(self.trainer.device.type, dtype=self.autocast_dtype)
 
     def _count(self, group: list[Batch]) -> None:
-        """Add this step's row, sample and token counts of every process; check the stop request and the
-        bad-row fraction (the same decision on every process)."""
+        """Add this step's row, sample and token counts, model FLOPs and data wait of every process; check the stop
+        request and the bad-row fraction (the same decision on every process)."""
         trainer, state = self.trainer, self.state
-        local = [float(self.stop.signum or 0)]
+        flops = sum(self.step_flops(batch_work(b)) for b in group) if self.step_flops else 0.0
+        local = [float(self.stop.signum or 0), flops, self.step_wait]
         local += [sum(getattr(b, k) for b in group) for k in ("samples", "rows_read", "real_tokens")]
         local.append(sum(b.processed_tokens for b in group))
         local += [sum(b.bad[r] for b in group) for r in BAD_REASONS]
+        minutes = self.config.max_minutes
+        local.append(float(bool(minutes) and time.time() - self.started > 60 * minutes))
         total = trainer.processes.all_sum(local)
+        self.out_of_time = bool(total[-1])
         if total[0] and self.stop.signum is None:  # another process was asked to stop
             self.stop.signum = signal.SIGTERM
-        state.samples += int(total[1])
-        state.rows_read += int(total[2])
-        state.real_tokens += int(total[3])
-        state.processed_tokens += int(total[4])
-        for reason, count in zip(BAD_REASONS, total[5:]):
+        self.flops_done += total[1]
+        self.waited += total[2]
+        state.samples += int(total[3])
+        state.rows_read += int(total[4])
+        state.real_tokens += int(total[5])
+        state.processed_tokens += int(total[6])
+        for reason, count in zip(BAD_REASONS, total[7:-1]):
             state.bad[reason] += int(count)
         self._check_bad_rows()
         now = time.time()
         if now - self.bar_loss[0] > 2:  # one host sync every few seconds for the bar
             self.bar_loss = (now, self.last_loss.item())
-        elapsed = max(now - self.mark[0], 1e-9)
+        elapsed = max(now - self.mark.time, 1e-9)
+        _, mfu, stall = self._efficiency(now)
         self.progress.update({"loss": f"{self.bar_loss[1]:.4f}", "lr": f"{self.lr:.2e}",
-                              "tok/s": f"{(state.real_tokens - self.mark[1]['real_tokens']) / elapsed:.0f}",
-                              "samples/s": f"{(state.samples - self.mark[1]['samples']) / elapsed:.1f}"})
+                              "tok/s": f"{(state.real_tokens - self.mark.state['real_tokens']) / elapsed:.0f}",
+                              "samples/s": f"{(state.samples - self.mark.state['samples']) / elapsed:.1f}",
+                              **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), "stall": f"{stall:.0%}"})
+
+    def _efficiency(self, now: float) -> tuple[float | None, float | None, float]:
+        """Since the previous log line: model FLOP/s per process (None when not counted), MFU (None without a
+        peak) and the fraction of the time spent waiting for data (mean over processes)."""
+        seconds = max(now - self.mark.time, 1e-9)
+        world = self.trainer.processes.world_size
+        stall = (self.waited - self.mark.waited) / world / seconds
+        if self.step_flops is None:
+            return None, None, stall
+        flops_per_s = (self.flops_done - self.mark.flops) / world / seconds
+        return flops_per_s, flops_per_s / self.peak if self.peak else None, stall
 
     def _check_bad_rows(self) -> None:
         state = self.state
@@ -286,19 +369,20 @@ class Loop:
         objective_metrics = {name: means[name] for name in self.sums.names}
         self.final_loss = loss
         now = time.time()
-        since, before = now - self.mark[0], self.mark[1]
+        since, before = now - self.mark.time, self.mark.state
+        flops_per_s, mfu, stall = self._efficiency(now)
         tokens = state.real_tokens - before["real_tokens"]
         processed = state.processed_tokens - before["processed_tokens"]
         samples = state.samples - before["samples"]
         step_seconds = since / max(state.global_step - before["global_step"], 1)
-        self.mark = (now, asdict(state))
+        self.mark = Mark(now, asdict(state), self.flops_done, self.waited)
         done = state.step - epoch_clock[1]
         remaining = (now - epoch_clock[0]) / max(done, 1) * (epoch_steps - state.step) / 60
         bad = {reason: count for reason, count in state.bad.items() if count}  # counted on the host by `_count`
         line = reference_line(state.epoch, config.epochs, state.step, epoch_steps, loss, aux, self.lr, remaining)
         self.progress.write(f"{line}{format_metrics(objective_metrics)} | {tokens / since:.0f} tokens/s, "
                             f"{samples / since:.1f} samples/s, {step_seconds:.2f} s/step, "
-                            f"pad_eff {tokens / max(processed, 1):.1%}"
+                            f"pad_eff {tokens / max(processed, 1):.1%}" + format_efficiency(flops_per_s, mfu, stall)
                             + (f", {int(means['nonfinite'])} non-finite steps skipped" if means["nonfinite"] else "")
                             + format_bad_rows(bad))
         if self.tracker:
@@ -306,7 +390,8 @@ class Loop:
                 "step": state.global_step, "epoch": state.epoch + 1, "loss": loss, "logits_loss": loss - aux,
                 "aux_loss": aux, **objective_metrics, "learning_rate": self.lr, "epoch_time": remaining,
                 "tokens_per_s": tokens / since, "samples_per_s": samples / since, "step_seconds": step_seconds,
-                "padding_efficiency": tokens / max(processed, 1), "nonfinite_steps": state.nonfinite_steps,
+                "padding_efficiency": tokens / max(processed, 1), "flops_per_s": flops_per_s, "mfu": mfu,
+                "data_stall": stall, "nonfinite_steps": state.nonfinite_steps,
                 "bad_rows": sum(bad.values()), "bad_rows_by_reason": bad, "samples": state.samples,
                 "tokens": state.real_tokens, "time": now - self.started,
             })

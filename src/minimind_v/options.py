@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .distributed import default_device
-from .generate import GenerationConfig
+from .generate import DTYPES, GenerationConfig
 from .quantize import INSTALL_HINT, METHODS, backend_available
 from .weights import DEFAULT_TOWER
 
@@ -44,6 +44,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, weight: str = "sft_vlm"
     group.add_argument("--quantize", default="none", choices=METHODS, type=quantize_method,
                        help="int8: weight-only int8 decoder layers (tower, projector, embeddings and lm_head stay "
                             "in full precision); a --lora adapter is merged first")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """`--dtype` of the commands that run a model (chat, describe, serve, webui, eval); see `inference_dtype`."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights' dtype; auto: bfloat16 on CUDA GPUs with bf16 and on CPUs that multiply bf16 "
+                             "natively (AVX512-BF16, AMX), else float32 (default: %(default)s)")
 
 
 def quantize_method(value: str) -> str:

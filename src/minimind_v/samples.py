@@ -23,6 +23,7 @@ import numpy as np
 from .chat_encoder import IGNORE, ChatEncoder, Encoded, EncodingError, count_markers
 from .evaluate import normalize_answer
 from .vision import load_image
+from .vision_cache import CachedImages, FeatureReader
 
 # Larger images are refused before decoding: a small file can declare a huge image (a decompression bomb).
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -75,11 +76,13 @@ class BadSample(Exception):
 @dataclass
 class Sample:
     """One training document. ids / labels [L] int64 (labels unshifted, -100 = not supervised, the first
-    token always -100); pixels [N, 3, S, S] float32 for its N images, or None."""
+    token always -100); pixels [N, 3, S, S] float32 for its N images, or None. With a vision cache, `cached` says
+    what it holds of the N images and pixels are those of the others."""
 
     ids: np.ndarray
     labels: np.ndarray
     pixels: np.ndarray | None = None
+    cached: CachedImages | None = None
 
 
 @dataclass
@@ -210,13 +213,14 @@ class SampleBuilder:
 
     def __init__(self, kind: str, tokenizer, max_seq_len: int, image_token_len: int = 0, image_processor=None,
                  add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2, thinking_ratio: float = 0.0,
-                 needs_answer: bool = False):
+                 needs_answer: bool = False, vision_cache: FeatureReader | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown sample kind {kind!r}; choose one of {KINDS}")
         self.kind, self.tokenizer, self.max_seq_len = kind, tokenizer, max_seq_len
         self.image_processor = image_processor
         self.add_system_ratio, self.empty_think_ratio = add_system_ratio, empty_think_ratio
         self.thinking_ratio, self.needs_answer = thinking_ratio, needs_answer
+        self.vision_cache = vision_cache
         self.encoder = ChatEncoder(tokenizer, image_token_len)
 
     def documents(self, record: dict, rng: random.Random) -> list[Sample] | list[Prompt]:
@@ -234,7 +238,7 @@ class SampleBuilder:
         images = chat_images(record, messages) if self.encoder.image_token_len else []
         system, drop_think = self._augmentations(messages, tools, rng)
         ids, labels = self._encode(system + messages, tools, len(images), drop_think)
-        return Sample(ids, labels, self._pixels(images))
+        return Sample(ids, labels, *self._images(images))
 
     def build_pair(self, record: dict, rng: random.Random) -> tuple[Sample, Sample]:
         """(chosen, rejected) documents of a preference row."""
@@ -249,8 +253,8 @@ class SampleBuilder:
             raise BadSample("image_mismatch")  # an answer cannot show an image
         system, drop_think = self._augmentations(chosen, tools, rng)
         encoded = [self._encode(system + messages, tools, len(images), drop_think) for messages in (chosen, rejected)]
-        pixels = self._pixels(images)
-        return tuple(Sample(ids, labels, pixels) for ids, labels in encoded)
+        pixels, cached = self._images(images)
+        return tuple(Sample(ids, labels, pixels, cached) for ids, labels in encoded)
 
     def build_prompt(self, record: dict, rng: random.Random) -> Prompt:
         """The generation prompt of a prompt row; thinking is opened with probability `thinking_ratio` (as the
@@ -317,6 +321,16 @@ class SampleBuilder:
             return self.encoder.encode(messages, images, tools, **options)
         except EncodingError as err:
             raise BadSample(err.reason) from err
+
+    def _images(self, images: list[bytes]) -> tuple[np.ndarray | None, CachedImages | None]:
+        """(pixels of the images the vision cache lacks, what it holds); without a cache, (all pixels, None).
+        Images it holds are not decoded: they decoded when their features were computed."""
+        if self.vision_cache is None or not images:
+            return self._pixels(images), None
+        if not all(isinstance(data, bytes) for data in images):
+            raise BadSample("bad_image")
+        cached = self.vision_cache.lookup(images)
+        return self._pixels([data for data, hit in zip(images, cached.hit) if not hit]), cached
 
     def _pixels(self, images: list[bytes]) -> np.ndarray | None:
         """Encoded images -> [N, 3, size, size] (None without images); BadSample when any cannot be decoded (as

@@ -2,10 +2,10 @@
 
 Endpoints: `POST /v1/chat/completions` (OpenAI schema; images as `image_url` parts holding `data:` base64
 URLs), `GET /v1/models`, `GET /health`, and the OpenAPI schema of exactly what they accept at `/openapi.json`.
-One worker thread owns the model: the requests waiting when it becomes free are decoded together as one
-left-padded batch, later ones queue; a row leaves the batch as soon as it ends or its client leaves. Every
-error gets an OpenAI error body: 400 for a bad request, 401 for a wrong or missing key (with `--api_key`), 413
-for a body over the limit, 429 when the queue is full, 504 past `--request_timeout`.
+One worker thread owns the model and decodes the requests together with continuous batching: a request joins the
+running batch at the next step and leaves it as soon as it ends or its client leaves. Every error gets an OpenAI
+error body: 400 for a bad request, 401 for a wrong or missing key (with `--api_key`), 413 for a body over the
+limit, 429 when the queue is full, 504 past `--request_timeout`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import base64
 import binascii
 import hmac
 import io
+import itertools
 import json
 import os
 import queue
@@ -30,8 +31,8 @@ from typing import Annotated, Any, BinaryIO
 from PIL import Image
 
 from .chat import load_engine_or_exit
-from .generate import ChatRequest, Completion, Engine, GenerationConfig, PromptTooLong, StreamEvent
-from .options import add_model_arguments
+from .generate import ChatRequest, Completion, Engine, GenerationConfig, PromptTooLong, RunningBatch, StreamEvent
+from .options import add_dtype_argument, add_model_arguments
 from .tokenizer import IMAGE_MARKER
 from .vision import to_rgb
 from .weights import run_name
@@ -64,8 +65,9 @@ try:
         TextPart,
     )
 except ImportError as missing:
-    raise SystemExit(f"`minimind-v serve` needs FastAPI and uvicorn ({missing}): "
-                     "pip install 'minimind-v[serve]'") from missing
+    raise SystemExit(
+        f"`minimind-v serve` needs FastAPI and uvicorn ({missing}): pip install 'minimind-v[serve]'"
+    ) from missing
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.92  # the reference server's defaults
@@ -76,8 +78,14 @@ BEARER = HTTPBearer(auto_error=False)  # `Authorization: Bearer KEY`, checked by
 class ApiError(Exception):
     """An error answered with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
 
@@ -113,8 +121,13 @@ def error_param(error: dict, data: Any) -> str | None:
     labels pydantic adds to `loc` (`user`, `str`, ...): only the keys found in the input are kept."""
     param, node = "", data
     for i, key in enumerate(error["loc"]):
-        if isinstance(node, dict) and key in node or isinstance(node, list) and isinstance(key, int) and \
-                key < len(node):
+        if (
+            isinstance(node, dict)
+            and key in node
+            or isinstance(node, list)
+            and isinstance(key, int)
+            and key < len(node)
+        ):
             param += f"[{key}]" if isinstance(key, int) else f".{key}" if param else str(key)
             node = node[key]
         elif error["type"] == "missing" and i == len(error["loc"]) - 1:
@@ -143,8 +156,12 @@ def read_image(source: str | BinaryIO, limits: Limits, param: str) -> Image.Imag
     try:
         with Image.open(source, formats=IMAGE_FORMATS) as image:
             if image.width * image.height > limits.max_image_pixels:
-                raise ApiError(f"the image is {image.width}x{image.height} pixels, more than the limit of "
-                               f"{limits.max_image_pixels}", param, "image_too_large")
+                raise ApiError(
+                    f"the image is {image.width}x{image.height} pixels, more than the limit of "
+                    f"{limits.max_image_pixels}",
+                    param,
+                    "image_too_large",
+                )
             image.load()
             rgb = to_rgb(image)
             return rgb.copy() if rgb is image else rgb  # the file closes with the `with`
@@ -163,23 +180,32 @@ def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
         if not comma or not header.endswith(";base64"):
             raise ApiError("image data URLs must be base64: data:image/png;base64,<data>", param, "invalid_image_url")
         if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise ApiError(f"an image is larger than the limit of {limits.max_image_bytes} bytes", param,
-                           "image_too_large")
+            raise ApiError(
+                f"an image is larger than the limit of {limits.max_image_bytes} bytes", param, "image_too_large"
+            )
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as err:
             raise ApiError(f"the image data URL is not valid base64: {err}", param, "invalid_image_url") from err
         return read_image(io.BytesIO(data), limits, param)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
-        raise ApiError("remote image URLs are not fetched by this server; send the image inline as a data URL "
-                       "(data:image/jpeg;base64,...)", param, "unsupported_image_url")
+        raise ApiError(
+            "remote image URLs are not fetched by this server; send the image inline as a data URL "
+            "(data:image/jpeg;base64,...)",
+            param,
+            "unsupported_image_url",
+        )
     return read_image(local_image_path(url.removeprefix("file://"), limits, param), limits, param)
 
 
 def local_image_path(path: str, limits: Limits, param: str) -> str:
     if limits.local_image_root is None:
-        raise ApiError("local file paths are refused; start the server with --local_image_root DIR to allow "
-                       "files under DIR, or send the image as a data URL", param, "unsupported_image_url")
+        raise ApiError(
+            "local file paths are refused; start the server with --local_image_root DIR to allow "
+            "files under DIR, or send the image as a data URL",
+            param,
+            "unsupported_image_url",
+        )
     root = os.path.realpath(limits.local_image_root)
     try:
         full = os.path.realpath(os.path.join(root, path))
@@ -190,8 +216,7 @@ def local_image_path(path: str, limits: Limits, param: str) -> str:
     if not os.path.isfile(full):
         raise ApiError(f"no image file at {path!r}", param, "invalid_image")
     if os.path.getsize(full) > limits.max_image_bytes:
-        raise ApiError(f"an image is larger than the limit of {limits.max_image_bytes} bytes", param,
-                       "image_too_large")
+        raise ApiError(f"an image is larger than the limit of {limits.max_image_bytes} bytes", param, "image_too_large")
     return full
 
 
@@ -224,8 +249,10 @@ def parse_messages(messages: Any, limits: Limits) -> tuple[list[dict], list]:
         raise ApiError(f"more than {limits.max_messages} messages in one request", "messages", "too_many_messages")
     parsed, images = [], []
     for i, message in enumerate(messages):
-        entry = {"role": "system" if message.role == "developer" else message.role,
-                 "content": message_text(message.content, f"messages[{i}].content", limits, images)}
+        entry = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": message_text(message.content, f"messages[{i}].content", limits, images),
+        }
         if isinstance(message, AssistantMessage) and message.reasoning_content:
             entry["reasoning_content"] = message.reasoning_content
         if isinstance(message, AssistantMessage) and message.tool_calls:
@@ -239,13 +266,17 @@ def parse_body(body: ChatCompletionBody, limits: Limits) -> Parsed:
     images that cannot be read)."""
     max_tokens = body.max_tokens or body.max_completion_tokens or limits.max_tokens
     if max_tokens > limits.max_tokens:
-        raise ApiError(f"max_tokens is {max_tokens}, more than this server's limit of {limits.max_tokens}",
-                       "max_tokens", "invalid_value")
+        raise ApiError(
+            f"max_tokens is {max_tokens}, more than this server's limit of {limits.max_tokens}",
+            "max_tokens",
+            "invalid_value",
+        )
     messages, images = parse_messages(body.messages, limits)
     options = body.chat_template_kwargs or {}
     thinking = bool(body.open_thinking or options.get("open_thinking") or options.get("enable_thinking"))
     config = GenerationConfig(
-        max_new_tokens=max_tokens, stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        max_new_tokens=max_tokens,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         seed=None if body.seed is None else body.seed % 2**64,  # any int; a torch.Generator takes 64 bits
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
@@ -267,8 +298,13 @@ def split_tool_calls(text: str) -> tuple[str, list[dict]]:
             name, arguments = call["name"], call.get("arguments", {})
         except (json.JSONDecodeError, KeyError, TypeError):
             return match.group(0)
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": str(name), "arguments": json.dumps(arguments, ensure_ascii=False)}})
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": str(name), "arguments": json.dumps(arguments, ensure_ascii=False)},
+            }
+        )
         return ""
 
     rest = TOOL_CALL.sub(take, text)
@@ -305,41 +341,55 @@ class Job:
 
 
 class Worker:
-    """The only thread that touches the model: it takes every job waiting and decodes them as one batch."""
+    """The only thread that touches the model. It decodes the running requests together with continuous batching:
+    before every step the waiting requests join (first come, first served, up to `max_batch` rows), so a request
+    gets its first token within one step of its arrival while there is room; each request leaves the batch the step
+    it ends or its client goes."""
 
     def __init__(self, engine: Engine, max_batch: int):
         self.engine, self.max_batch = engine, max_batch
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.largest_batch = 0
-        self.active = 0  # rows of the batch being decoded that have not ended
+        self.active = 0  # requests in the batch that have not ended
+        self.running: dict[int, Job] = {}
+        self.keys = itertools.count()
         threading.Thread(target=self._serve, name="generation", daemon=True).start()
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
     def _serve(self) -> None:
+        batch = RunningBatch(self.engine)
         while True:
-            batch = [self.jobs.get()]
-            while len(batch) < self.max_batch and not self.jobs.empty():
-                batch.append(self.jobs.get())
-            batch = [job for job in batch if not job.cancelled]
-            if batch:
-                self._decode(batch)
-
-    def _decode(self, batch: list[Job]) -> None:
-        self.largest_batch = max(self.largest_batch, len(batch))
-        self.active = len(batch)
-        try:
-            for event in self.engine.run([j.parsed.request for j in batch], [j.parsed.config for j in batch],
-                                         [j.prompt for j in batch], cancelled=lambda row: batch[row].cancelled):
-                batch[event.row].send(event)
+            self._admit(batch)
+            try:
+                events = batch.step(cancelled=lambda key: self.running[key].cancelled)
+            except Exception as err:  # a failed step must not stop the server: its clients get a 500
+                for job in self.running.values():
+                    job.send(ApiError(f"generation failed: {err!r}", status=500, kind="server_error"))
+                self.running.clear()
+                batch = RunningBatch(self.engine)
+                events = []
+            for event in events:
+                self.running[event.row].send(event)
                 if event.completion is not None:
-                    self.active -= 1
-        except Exception as err:  # a failed batch must not stop the server: its clients get a 500
-            for job in batch:
-                job.send(ApiError(f"generation failed: {err!r}", status=500, kind="server_error"))
-        finally:
-            self.active = 0
+                    del self.running[event.row]
+            self.active = len(self.running)
+
+    def _admit(self, batch: RunningBatch) -> None:
+        """Move waiting jobs into the batch while it has room; wait for one when nothing is running."""
+        while len(batch) < self.max_batch:
+            try:
+                job = self.jobs.get(block=not batch)
+            except queue.Empty:
+                break
+            if job.cancelled:
+                continue
+            key = next(self.keys)
+            self.running[key] = job
+            batch.add(key, job.parsed.request, job.parsed.config, job.prompt)
+        self.active = len(self.running)
+        self.largest_batch = max(self.largest_batch, len(batch))
 
 
 async def cancel_on_hang_up(request: Request, job: Job) -> None:
@@ -421,30 +471,47 @@ class Deadline:
                 await self.app(scope, receive, send_started)
         except TimeoutError:
             if not started:
-                error = ApiError(f"the request took longer than {self.seconds:g} s", None, "timeout", status=504,
-                                 kind="server_error")
+                error = ApiError(
+                    f"the request took longer than {self.seconds:g} s", None, "timeout", status=504, kind="server_error"
+                )
                 await error.response()(scope, receive, send)
 
 
 def usage(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
 
 
 SCHEMAS = "#/components/schemas/"
 ERRORS = {"4XX": {"model": ErrorBody, "description": "an OpenAI error body"}}
 STREAM_EVENT = {  # each server-sent event (OpenAPI 3.1 without itemSchema: the schema of one event)
-    "type": "object", "required": ["data"],
-    "properties": {"data": {"anyOf": [
-        {"const": "[DONE]"},
-        {"type": "string", "contentMediaType": "application/json",
-         "contentSchema": {"anyOf": [{"$ref": SCHEMAS + "ChatCompletionChunk"}, {"$ref": SCHEMAS + "ErrorBody"}]}},
-    ]}},
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {
+                        "anyOf": [{"$ref": SCHEMAS + "ChatCompletionChunk"}, {"$ref": SCHEMAS + "ErrorBody"}]
+                    },
+                },
+            ]
+        }
+    },
 }
 CHAT_RESPONSES = ERRORS | {
-    200: {"model": ChatCompletion, "description": "the completion, or with `stream: true` server-sent "
-          "`chat.completion.chunk` events ending with `data: [DONE]`",
-          "content": {"text/event-stream": {"schema": STREAM_EVENT}}},
+    200: {
+        "model": ChatCompletion,
+        "description": "the completion, or with `stream: true` server-sent "
+        "`chat.completion.chunk` events ending with `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": STREAM_EVENT}},
+    },
     504: {"model": ErrorBody, "description": "the request took longer than --request_timeout"},
 }
 
@@ -452,8 +519,15 @@ CHAT_RESPONSES = ERRORS | {
 class Api:
     """The FastAPI app around one engine."""
 
-    def __init__(self, engine: Engine, model_name: str, limits: Limits, api_key: str | None = None,
-                 max_batch: int = 16, cors_origins: Sequence[str] = ()):
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        limits: Limits,
+        api_key: str | None = None,
+        max_batch: int = 16,
+        cors_origins: Sequence[str] = (),
+    ):
         self.worker = Worker(engine, max_batch)
         self.model_name, self.limits, self.api_key = model_name, limits, api_key
         self.created = int(time.time())
@@ -461,13 +535,19 @@ class Api:
         self.app.add_exception_handler(ApiError, lambda request, err: err.response())
         self.app.add_exception_handler(RequestValidationError, self.invalid_request)
         self.app.add_exception_handler(HTTPException, self.http_error)
-        self.app.add_exception_handler(Exception, lambda request, err: ApiError(
-            f"internal error: {err!r}", status=500, kind="server_error").response())
+        self.app.add_exception_handler(
+            Exception,
+            lambda request, err: ApiError(f"internal error: {err!r}", status=500, kind="server_error").response(),
+        )
         self.app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
         self.app.add_middleware(Deadline, seconds=limits.request_timeout)
         if cors_origins:
-            self.app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                                    allow_headers=["Authorization", "Content-Type"])
+            self.app.add_middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
         auth = [Security(self.authorize)] if api_key else []
         self.app.get("/health", response_model=Health)(self.health)
         self.app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=auth)(self.models)
@@ -486,8 +566,9 @@ class Api:
     def authorize(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
         given = credentials.credentials if credentials else ""
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise ApiError("missing or incorrect API key (send Authorization: Bearer <key>)", None,
-                           "invalid_api_key", status=401)
+            raise ApiError(
+                "missing or incorrect API key (send Authorization: Bearer <key>)", None, "invalid_api_key", status=401
+            )
 
     def invalid_request(self, request: Request, err: RequestValidationError) -> JSONResponse:
         errors = err.errors()
@@ -499,17 +580,28 @@ class Api:
 
     def http_error(self, request: Request, err: HTTPException) -> JSONResponse:
         if err.status_code == 413:
-            return ApiError(f"the request body is larger than {self.limits.max_body_bytes} bytes", None,
-                            "request_too_large", status=413).response()
+            return ApiError(
+                f"the request body is larger than {self.limits.max_body_bytes} bytes",
+                None,
+                "request_too_large",
+                status=413,
+            ).response()
         return ApiError(str(err.detail), status=err.status_code).response(err.headers)
 
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_name, "queued": self.worker.jobs.qsize(),
-                "active": self.worker.active, "largest_batch": self.worker.largest_batch}
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "queued": self.worker.jobs.qsize(),
+            "active": self.worker.active,
+            "largest_batch": self.worker.largest_batch,
+        }
 
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "minimind-v"}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "minimind-v"}],
+        }
 
     def prepare(self, body: ChatCompletionBody, loop: asyncio.AbstractEventLoop) -> Job:
         """Images read and prompt tokenised here, in the request's thread, so that a heavy request delays only
@@ -525,8 +617,13 @@ class Api:
 
     async def chat_completions(self, body: ChatCompletionBody, request: Request):
         if self.worker.jobs.qsize() >= self.limits.max_queue:
-            raise ApiError(f"the server is busy ({self.limits.max_queue} requests queued); retry later", None,
-                           "queue_full", status=429, kind="rate_limit_error")
+            raise ApiError(
+                f"the server is busy ({self.limits.max_queue} requests queued); retry later",
+                None,
+                "queue_full",
+                status=429,
+                kind="rate_limit_error",
+            )
         job = await run_in_threadpool(self.prepare, body, asyncio.get_running_loop())
         self.worker.submit(job)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -551,18 +648,28 @@ class Api:
             message["content"], calls = split_tool_calls(completion.text)
             if calls:
                 message["tool_calls"], finish = calls, "tool_calls"
-        return {"id": reply_id, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                "usage": usage(completion)}
+        return {
+            "id": reply_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": usage(completion),
+        }
 
     async def chunks(self, job: Job, reply_id: str, created: int) -> AsyncIterator[str]:
         """Server-sent `chat.completion.chunk` events, ending with `data: [DONE]`."""
 
         def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
-            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                 "logprobs": None}]
-            body = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                    "model": self.model_name, "choices": choices, **extra}
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+            body = {
+                "id": reply_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                **extra,
+            }
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
@@ -590,42 +697,85 @@ class Api:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, weight="sft_vlm")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: %(default)s; 0.0.0.0: every interface)")
+    add_dtype_argument(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)"
+    )
     parser.add_argument("--port", type=int, default=8998, help="(default: %(default)s)")
     parser.add_argument("--model_name", default=None, help="model id reported by the API (default: from the weights)")
-    parser.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"),
-                        help="require `Authorization: Bearer KEY` (default: $MINIMIND_API_KEY, else no key)")
-    parser.add_argument("--cors_origins", nargs="*", default=[],
-                        help="browser origins allowed to call the API (default: none, and no CORS headers)")
-    parser.add_argument("--max_batch", type=int, default=16,
-                        help="most requests decoded together (default: %(default)s)")
-    parser.add_argument("--max_seq_len", type=int, default=8192,
-                        help="longest prompt, in tokens (default: %(default)s)")
-    parser.add_argument("--max_tokens_limit", type=int, default=8192,
-                        help="largest max_tokens a request may ask for, also the default (default: %(default)s)")
-    parser.add_argument("--max_messages", type=int, default=256,
-                        help="most messages in one request (default: %(default)s)")
+    parser.add_argument(
+        "--api_key",
+        default=os.environ.get("MINIMIND_API_KEY"),
+        help="require `Authorization: Bearer KEY` (default: $MINIMIND_API_KEY, else no key)",
+    )
+    parser.add_argument(
+        "--cors_origins",
+        nargs="*",
+        default=[],
+        help="browser origins allowed to call the API (default: none, and no CORS headers)",
+    )
+    parser.add_argument(
+        "--max_batch", type=int, default=16, help="most requests decoded together (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max_seq_len", type=int, default=8192, help="longest prompt, in tokens (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max_tokens_limit",
+        type=int,
+        default=8192,
+        help="largest max_tokens a request may ask for, also the default (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_messages", type=int, default=256, help="most messages in one request (default: %(default)s)"
+    )
     parser.add_argument("--max_images", type=int, default=8, help="most images in one request (default: %(default)s)")
-    parser.add_argument("--max_image_bytes", type=int, default=10 * 2**20,
-                        help="largest image file, in bytes (default: %(default)s)")
-    parser.add_argument("--max_image_pixels", type=int, default=4096 * 4096,
-                        help="largest image, in pixels, read from its header before decoding (default: %(default)s)")
-    parser.add_argument("--max_body_bytes", type=int, default=None,
-                        help="largest request body, with or without Content-Length (default: room for --max_images "
-                             "base64 images of --max_image_bytes, plus 1 MiB)")
-    parser.add_argument("--max_queue", type=int, default=256,
-                        help="most requests waiting for the model; more get a 429 (default: %(default)s)")
-    parser.add_argument("--max_connections", type=int, default=512,
-                        help="most open connections; more get a 503 from uvicorn (default: %(default)s)")
-    parser.add_argument("--request_timeout", type=float, default=600.0,
-                        help="seconds a request may take from its headers to its last token; then a 504, or a "
-                             "stream cut off (default: %(default)s)")
-    parser.add_argument("--send_timeout", type=float, default=30.0,
-                        help="seconds a streaming client may leave a chunk unread before it is dropped "
-                             "(default: %(default)s)")
-    parser.add_argument("--local_image_root", default=None,
-                        help="also accept image URLs that are paths of files under this folder (default: none)")
+    parser.add_argument(
+        "--max_image_bytes", type=int, default=10 * 2**20, help="largest image file, in bytes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=4096 * 4096,
+        help="largest image, in pixels, read from its header before decoding (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_body_bytes",
+        type=int,
+        default=None,
+        help="largest request body, with or without Content-Length (default: room for --max_images "
+        "base64 images of --max_image_bytes, plus 1 MiB)",
+    )
+    parser.add_argument(
+        "--max_queue",
+        type=int,
+        default=256,
+        help="most requests waiting for the model; more get a 429 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_connections",
+        type=int,
+        default=512,
+        help="most open connections; more get a 503 from uvicorn (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--request_timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take from its headers to its last token; then a 504, or a "
+        "stream cut off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--send_timeout",
+        type=float,
+        default=30.0,
+        help="seconds a streaming client may leave a chunk unread before it is dropped (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--local_image_root",
+        default=None,
+        help="also accept image URLs that are paths of files under this folder (default: none)",
+    )
 
 
 def default_model_name(args) -> str:
@@ -636,10 +786,20 @@ def default_model_name(args) -> str:
 
 def main(args) -> None:
     engine = load_engine_or_exit(args)
-    limits = Limits(args.max_images, args.max_image_bytes, args.max_image_pixels, args.max_tokens_limit,
-                    args.local_image_root, args.max_messages, args.max_body_bytes, args.max_queue,
-                    args.request_timeout, args.send_timeout)
-    api = Api(engine, args.model_name or default_model_name(args), limits, args.api_key, args.max_batch,
-              args.cors_origins)
+    limits = Limits(
+        args.max_images,
+        args.max_image_bytes,
+        args.max_image_pixels,
+        args.max_tokens_limit,
+        args.local_image_root,
+        args.max_messages,
+        args.max_body_bytes,
+        args.max_queue,
+        args.request_timeout,
+        args.send_timeout,
+    )
+    api = Api(
+        engine, args.model_name or default_model_name(args), limits, args.api_key, args.max_batch, args.cors_origins
+    )
     print(f"serving {api.model_name} at http://{args.host}:{args.port}/v1 (OpenAI chat completions)")
     uvicorn.run(api.app, host=args.host, port=args.port, log_level="info", limit_concurrency=args.max_connections)

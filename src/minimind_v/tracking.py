@@ -27,6 +27,20 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "".join(f", {name}: {value:.4f}" for name, value in metrics.items())
 
 
+def format_flops(flops_per_s: float) -> str:
+    """FLOP/s with an SI prefix: 1.234e12 -> '1.23 TFLOP/s'."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9)):
+        if flops_per_s >= scale:
+            return f"{flops_per_s / scale:.2f} {prefix}FLOP/s"
+    return f"{flops_per_s / 1e6:.2f} MFLOP/s"
+
+
+def format_efficiency(flops_per_s: float | None, mfu: float | None, stall: float) -> str:
+    """Model FLOP/s per process and MFU (when counted) and the data stall, for the log line."""
+    counted = "" if flops_per_s is None else f", {format_flops(flops_per_s)}"
+    return counted + ("" if mfu is None else f", MFU {mfu:.1%}") + f", data stall {stall:.1%}"
+
+
 def format_bad_rows(bad: dict[str, int]) -> str:
     """The bad rows so far by reason for the log line (empty when there are none)."""
     if not bad:

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--shuffle_window", type=int, default=d["shuffle_window"],
                       help="rows shuffled together (memory bound)")
     data.add_argument("--num_workers", type=int, help="DataLoader worker processes (2 VLM, 8 LLM)")
+    data.add_argument("--vision_cache", default=d["vision_cache"],
+                      help="folder caching a frozen tower's features of each image, reused across epochs and stages "
+                           "(default: none)")
+    data.add_argument("--vision_cache_gb", type=float, default=d["vision_cache_gb"],
+                      help="size bound of the --vision_cache folder; once reached, nothing more is added")
     model = parser.add_argument_group("model")
     add_shape_arguments(model)
     model.add_argument("--tokenizer", default=d["tokenizer"], help="tokenizer folder; the vocabulary size comes "
@@ -133,14 +138,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--grad_clip", type=float, default=d["grad_clip"],
                        help="max global gradient norm (0: no clipping)")
     optim.add_argument("--max_steps", type=int, help="stop after this many optimizer steps in all")
+    optim.add_argument("--max_minutes", type=float,
+                       help="stop after the step that passes this many minutes of training; the weights are saved "
+                            "as at the end (a time budget)")
     optim.add_argument("--max_nonfinite_steps", type=int, default=d["max_nonfinite_steps"],
                        help="stop after this many steps in a row with a NaN/inf loss or gradient")
     optim.add_argument("--seed", type=int, default=d["seed"])
     optim.add_argument("--dtype", default=d["dtype"], choices=["bfloat16", "float16", "float32"],
                        help="autocast dtype on CUDA (on CPU see --cpu_dtype)")
-    optim.add_argument("--cpu_dtype", default=d["cpu_dtype"], choices=["float32", "bfloat16"],
+    optim.add_argument("--cpu_dtype", default=d["cpu_dtype"], choices=list(distributed.CPU_DTYPES),
                        help="CPU training precision; bfloat16 autocasts the matrix products (weights stay float32), "
-                            "~1.5x faster on CPUs with native bf16 (AVX512-BF16, AMX), slower on others")
+                            "~1.5x faster on CPUs with native bf16 (AVX512-BF16, AMX), slower on others; auto: "
+                            "bfloat16 on such a CPU, else float32")
     optim.add_argument("--device", default=d["device"])
     optim.add_argument("--use_compile", type=int, default=d["use_compile"], choices=[0, 1])
     optim.add_argument("--num_threads", type=int, default=d["num_threads"],

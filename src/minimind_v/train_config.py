@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from .distributed import default_device
+from .distributed import default_device, resolve_cpu_dtype
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ class TrainConfig:
     max_bad_fraction: float = 0.05
     shuffle_window: int = 8192
     num_workers: int | None = None
+    vision_cache: str | None = None
+    vision_cache_gb: float = 50.0
     # model
     hidden_size: int = 768
     num_hidden_layers: int = 8
@@ -117,10 +119,11 @@ class TrainConfig:
     accumulation_steps: int | None = None
     grad_clip: float = 1.0
     max_steps: int | None = None
+    max_minutes: float | None = None
     max_nonfinite_steps: int = 10
     seed: int = 42
     dtype: str = "bfloat16"
-    cpu_dtype: str = "float32"
+    cpu_dtype: str = "auto"  # bfloat16 where the CPU has native bf16, else float32
     device: str = field(default_factory=default_device)
     use_compile: int = 0
     num_threads: int = 0
@@ -142,7 +145,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with every None per-stage setting filled from the stage; `use_wandb` means swanlab, as in the
-        reference; a single data path becomes a list."""
+        reference; a single data path becomes a list; `cpu_dtype` auto becomes this CPU's precision."""
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
         stage = self.stage_spec
@@ -154,6 +157,7 @@ class TrainConfig:
             config.logger = "swanlab"
         if config.lora_rank and config.lora_name is None:
             config.lora_name = f"lora_{config.save_weight}"
+        config.cpu_dtype = resolve_cpu_dtype(config.cpu_dtype)
         return config
 
     @property

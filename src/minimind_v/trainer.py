@@ -42,6 +42,7 @@ from .rewards import Rewards, parse_rewards
 from .samples import BAD_REASONS
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
+from .vision_cache import VisionCache, open_cache, unusable_reason
 from .weights import (
     DEFAULT_TOWER,
     load_native,
@@ -93,6 +94,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each decoder block in place, with dynamic shapes. The blocks hold almost all the compute;
+    compiling them, not the whole model, keeps the image splicing (a list of images per row) out of the graph,
+    and dynamic shapes let one graph serve every row count and width of packed batches instead of one
+    compilation per new shape. In place, so the state_dict keys stay those of the plain model."""
+    for block in model.model.layers:
+        block.compile(dynamic=True)
+
+
 class Trainer:
     """A run ready to train: `model` (on its device), `wrapped` (DDP / compiled), `data`, `objective`,
     `optimizer`, `scaler`, `state`, and the paths it writes."""
@@ -108,6 +118,7 @@ class Trainer:
         self.tower_written = False
         self.model = self._build_model()
         self.adapted = self._freeze_or_adapt()
+        self.vision_cache = self._open_vision_cache()
         self.data = self._load_data()
         names = (config.out_dir, config.run_prefix, config.hidden_size, bool(config.use_moe))
         self.weights_path = os.path.join(config.out_dir, run_name(*names[1:])) if config.lora_rank else \
@@ -267,9 +278,10 @@ class Trainer:
         elif objective == "distill":
             options = {"teacher": self._load_teacher(), "alpha": config.alpha, "temperature": config.temperature}
         try:
-            return make_objective(objective, packing=bool(config.packing), vision=self.stage.vision, **options)
+            made = make_objective(objective, packing=bool(config.packing), vision=self.stage.vision, **options)
         except ValueError as err:
             raise TrainingError(str(err)) from err
+        return self.vision_cache.wrap(made) if self.vision_cache else made
 
     def _reference_model(self):
         """A frozen copy of the starting weights (a frozen tower is shared, not copied), or None for a LoRA run,
@@ -351,9 +363,28 @@ class Trainer:
                 # text-only batches skip the tower: its trainable weights (or adapters) get no gradient then
                 find_unused_parameters=self.stage.vision and self.model.vision_trainable,
             )
-        return torch.compile(model) if self.config.use_compile else model
+        if self.config.use_compile:
+            compile_blocks(self.model)
+        return model
 
     # ------------------------------------------------------------------ data
+
+    def _open_vision_cache(self) -> VisionCache | None:
+        """The frozen tower's feature cache of --vision_cache, or None (not asked for, or unusable: logged)."""
+        config = self.config
+        if not config.vision_cache:
+            return None
+        reason = unusable_reason(vision=self.stage.vision, objective=self.stage.objective,
+                                 tower_trains=self.stage.vision and self.model.vision_trainable)
+        if reason:
+            self.log(f"--vision_cache is off: {reason}")
+            return None
+        cache = open_cache(root=config.vision_cache, tower=self.model.vision_encoder,
+                           preprocessor=self.model.image_processor, device_type=self.device.type,
+                           autocast=config.dtype if self.cuda else config.cpu_dtype,
+                           limit_bytes=int(config.vision_cache_gb * 1e9), log=self.log)
+        self.log(f"vision cache: {cache.folder} holds {len(cache.reader)} images of this tower")
+        return cache
 
     def _load_data(self) -> TrainingData:
         config, stage = self.config, self.stage
@@ -366,7 +397,8 @@ class Trainer:
             needs_answer="exact_match" in self.reward_weights,
         )
         try:
-            data = TrainingData(data_config, self.tokenizer, self.model.image_processor if stage.vision else None)
+            data = TrainingData(data_config, self.tokenizer, self.model.image_processor if stage.vision else None,
+                                self.vision_cache.reader if self.vision_cache else None)
         except (FileNotFoundError, ValueError) as err:
             raise TrainingError(f"{err}. Pass --data_path (`minimind-v data synth` makes a synthetic set).") from err
         largest = max(chunk.rows for chunk in data.chunks)

@@ -23,15 +23,23 @@ TOWER_SHAPE_KEYS = (
 
 
 class ImageBatch:
-    """Images of a batch in reading order: pixels [M, 3, h, w] and how many belong to each row, counts [B].
+    """Images of a batch in reading order: pixels [M, 3, h, w] (`encoded`: their tower outputs [M, L, D]) and how
+    many belong to each row, counts [B].
 
     `lenient` marks the reference call form (a dict / BatchFeature), which keeps the reference rules: a
     placeholder block without an image keeps its token embeddings, a cut block takes the first rows of its
     image, and unused images are ignored. Every other form must match the placeholders exactly.
     """
 
-    def __init__(self, pixels: torch.Tensor, counts: torch.Tensor, lenient: bool):
-        self.pixels, self.counts, self.lenient = pixels, counts, lenient
+    def __init__(self, pixels: torch.Tensor, counts: torch.Tensor, lenient: bool, encoded: bool = False):
+        self.pixels, self.counts, self.lenient, self.encoded = pixels, counts, lenient, encoded
+
+    @classmethod
+    def from_features(cls, features: list[torch.Tensor], batch: int) -> ImageBatch:
+        """B tensors [N_b, L, D], the tower outputs of row b's images (N_b may be 0)."""
+        if len(features) != batch:
+            raise ValueError(f"image_features is a list of {len(features)} rows but input_ids has {batch} rows")
+        return cls(torch.cat(features), torch.tensor([len(rows) for rows in features]), False, encoded=True)
 
     @classmethod
     def from_any(cls, pixel_values, batch: int) -> ImageBatch:
@@ -162,16 +170,23 @@ class MiniMindVLM(MiniMindForCausalLM):
             )
         return features
 
-    def embed_with_images(self, input_ids: torch.Tensor, pixel_values, check_images: bool = True) -> torch.Tensor:
-        """Token embeddings (after embedding dropout) with image features spliced in: [B, T, H]."""
+    def embed_with_images(self, input_ids: torch.Tensor, pixel_values, check_images: bool = True,
+                          image_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Token embeddings (after embedding dropout) with image features spliced in: [B, T, H].
+        `image_features` (B tensors [N_b, L, D], what `encode_images` gives for row b's images) stand in for
+        `pixel_values`: the tower does not run."""
         embeds = self.model.dropout(self.model.embed_tokens(input_ids))
-        images = ImageBatch.from_any(pixel_values, input_ids.shape[0])
+        if image_features is None:
+            images = ImageBatch.from_any(pixel_values, input_ids.shape[0])
+        else:
+            images = ImageBatch.from_features(image_features, input_ids.shape[0])
         token_id, block = self.config.image_token_id, self.config.image_token_len
         if check_images and not images.lenient:
             check_placeholders(input_ids, images.counts, token_id, block)
         if images.pixels.shape[0] == 0:
             return embeds
-        features = self.vision_proj(self.encode_images(images.pixels.to(embeds.device)))
+        pixels = images.pixels.to(embeds.device)
+        features = self.vision_proj(pixels if images.encoded else self.encode_images(pixels))
         return inject_images(embeds, input_ids, features, images.counts, token_id)
 
     def forward(
@@ -186,13 +201,17 @@ class MiniMindVLM(MiniMindForCausalLM):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         check_images: bool = True,
+        compute_logits: bool = True,
+        image_features: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
-        """As `MiniMindForCausalLM.forward`, plus `pixel_values` (see `ImageBatch.from_any`), used at prefill
-        only. `check_images=False` skips the placeholder check (one host sync) for callers that validated."""
+        """As `MiniMindForCausalLM.forward`, plus `pixel_values` (see `ImageBatch.from_any`) or the tower outputs
+        `image_features` (see `embed_with_images`), used at prefill only. `check_images=False` skips the
+        placeholder check (one host sync) for callers that validated."""
         cache = as_kv_cache(past_key_values)
-        if pixel_values is not None and inputs_embeds is None and (cache is None or cache.length == 0):
-            inputs_embeds = self.embed_with_images(input_ids, pixel_values, check_images)
+        images = pixel_values is not None or image_features is not None
+        if images and inputs_embeds is None and (cache is None or cache.length == 0):
+            inputs_embeds = self.embed_with_images(input_ids, pixel_values, check_images, image_features)
         out = super().forward(
             input_ids=input_ids if inputs_embeds is None else None,
             attention_mask=attention_mask,
@@ -202,6 +221,7 @@ class MiniMindVLM(MiniMindForCausalLM):
             labels=labels,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            compute_logits=compute_logits,
         )
         if self.training:  # keeps the projector in the graph on text-only batches (DDP); adds exactly zero
             out.aux_loss = out.aux_loss + 0 * sum(p.sum() for p in self.vision_proj.parameters())

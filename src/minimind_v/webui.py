@@ -17,7 +17,7 @@ import torch
 
 from .chat import load_engine
 from .generate import ChatRequest, Engine, GenerationConfig
-from .options import add_model_arguments, add_sampling_arguments
+from .options import add_dtype_argument, add_model_arguments, add_sampling_arguments
 from .tokenizer import IMAGE_MARKER
 from .vision import load_image
 
@@ -76,8 +76,11 @@ def model_args(args, choice: ModelChoice) -> argparse.Namespace:
     state = torch.load(choice.path, map_location="cpu", weights_only=True, mmap=True)
     layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.")}
     picked.load_from, picked.save_dir, picked.weight = None, os.path.dirname(choice.path), match["prefix"]
-    picked.hidden_size, picked.use_moe, picked.num_hidden_layers = int(match["hidden"]), int(bool(match["moe"])), \
-        len(layers)
+    picked.hidden_size, picked.use_moe, picked.num_hidden_layers = (
+        int(match["hidden"]),
+        int(bool(match["moe"])),
+        len(layers),
+    )
     return picked
 
 
@@ -103,17 +106,27 @@ class ModelHost:
         return f"Loaded **{label}**{adapter} on {self.args.device}."
 
     def no_model_message(self) -> str:
-        return (f"**No model found in `{os.path.abspath(self.args.models_dir)}`.** Put a model folder there "
-                "(`minimind-v export --out DIR`, or the folder the demo writes) or native `{prefix}_{hidden}.pth` "
-                "weights, then restart with `--models_dir` pointing at it.")
+        return (
+            f"**No model found in `{os.path.abspath(self.args.models_dir)}`.** Put a model folder there "
+            "(`minimind-v export --out DIR`, or the folder the demo writes) or native `{prefix}_{hidden}.pth` "
+            "weights, then restart with `--models_dir` pointing at it."
+        )
 
 
 def user_entry(text: str, files: list[str]) -> dict:
     return {"role": "user", "content": [{"path": f} for f in files] + ([text] if text else [])}
 
 
-def respond(host: ModelHost, message: dict, history: list, conversation: dict, temperature: float, top_p: float,
-            max_new_tokens: int, thinking: bool):
+def respond(
+    host: ModelHost,
+    message: dict,
+    history: list,
+    conversation: dict,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    thinking: bool,
+):
     """Stream one turn: yields (textbox value, chat history, conversation state)."""
     text, files = (message or {}).get("text", "").strip(), (message or {}).get("files", [])
     if not text and not files:
@@ -131,9 +144,14 @@ def respond(host: ModelHost, message: dict, history: list, conversation: dict, t
         return
     turn = {"role": "user", "content": IMAGE_MARKER * len(images) + ("\n" if images else "") + text}
     request = ChatRequest(conversation["messages"] + [turn], conversation["images"] + images, bool(thinking))
-    config = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p,
-                              top_k=host.args.top_k, repetition_penalty=host.args.repetition_penalty,
-                              seed=host.args.seed)
+    config = GenerationConfig(
+        max_new_tokens=int(max_new_tokens),
+        temperature=temperature,
+        top_p=top_p,
+        top_k=host.args.top_k,
+        repetition_penalty=host.args.repetition_penalty,
+        seed=host.args.seed,
+    )
     reasoning, answer = "", ""
     with host.lock:
         try:
@@ -163,35 +181,49 @@ def build_app(args, host: ModelHost, status: str) -> gr.Blocks:
     with gr.Blocks(title="MiniMind-V", analytics_enabled=False) as app:
         gr.Markdown("# MiniMind-V\nUpload images, ask about them; the whole conversation is sent each turn.")
         with gr.Row():
-            model = gr.Dropdown(list(host.choices), value=next(iter(host.choices), None), label="Model",
-                                interactive=bool(host.choices), scale=1)
+            model = gr.Dropdown(
+                list(host.choices),
+                value=next(iter(host.choices), None),
+                label="Model",
+                interactive=bool(host.choices),
+                scale=1,
+            )
             status_box = gr.Markdown(status, elem_id="status")
-        chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chat", render_markdown=False,
-                             reasoning_tags=[])
-        textbox = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", sources=["upload"],
-                                       placeholder="Ask something (attach images with the clip)", elem_id="ask")
+        chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chat", render_markdown=False, reasoning_tags=[])
+        textbox = gr.MultimodalTextbox(
+            file_types=["image"],
+            file_count="multiple",
+            sources=["upload"],
+            placeholder="Ask something (attach images with the clip)",
+            elem_id="ask",
+        )
         with gr.Row():
             temperature = gr.Slider(0, 2, value=args.temperature, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1, value=args.top_p, step=0.05, label="Top-p")
-            max_new_tokens = gr.Slider(1, max(args.max_new_tokens, 2048), value=args.max_new_tokens, step=1,
-                                       label="Max new tokens")
+            max_new_tokens = gr.Slider(
+                1, max(args.max_new_tokens, 2048), value=args.max_new_tokens, step=1, label="Max new tokens"
+            )
             thinking = gr.Checkbox(value=bool(args.open_thinking), label="Thinking")
             clear = gr.Button("New conversation")
         conversation = gr.State({"messages": [], "images": []})
 
         model.change(host.load, model, status_box)
-        textbox.submit(functools.partial(respond, host),
-                       [textbox, chatbot, conversation, temperature, top_p, max_new_tokens, thinking],
-                       [textbox, chatbot, conversation])
+        textbox.submit(
+            functools.partial(respond, host),
+            [textbox, chatbot, conversation, temperature, top_p, max_new_tokens, thinking],
+            [textbox, chatbot, conversation],
+        )
         clear.click(lambda: ([], {"messages": [], "images": []}), None, [chatbot, conversation])
     return app
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, weight="sft_vlm")
+    add_dtype_argument(parser)
     add_sampling_arguments(parser, temperature=0.7, top_p=0.95)
-    parser.add_argument("--models_dir", default=".",
-                        help="folder scanned for models (transformers folders and native .pth weights)")
+    parser.add_argument(
+        "--models_dir", default=".", help="folder scanned for models (transformers folders and native .pth weights)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     parser.add_argument("--port", type=int, default=8888)
 
@@ -209,5 +241,6 @@ def start(args) -> tuple[gr.Blocks, ModelHost]:
 
 def main(args) -> None:
     app, _ = start(args)
-    app.queue().launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
-                       mcp_server=False, footer_links=[])
+    app.queue().launch(
+        server_name=args.host, server_port=args.port, share=False, ssr_mode=False, mcp_server=False, footer_links=[]
+    )

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..chat_encoder import IGNORE
 from ..data import Batch
-from .base import Output, forward, next_tokens
+from .base import Output, forward, supervised_loss
 
 
 class CausalLM:
@@ -21,6 +19,4 @@ class CausalLM:
 
     def __call__(self, model, batch: Batch) -> Output:
         out = forward(model, batch, self.packing, self.vision)
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), next_tokens(batch), ignore_index=IGNORE,
-                             reduction="sum")
-        return Output(ce, out.aux_loss)
+        return Output(supervised_loss(model, out.hidden_states, batch), out.aux_loss)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch
-from .base import Output, forward, frozen_logits, supervised
+from .base import Output, forward, frozen_logits, supervised_logits
 
 
 class Distill:
@@ -28,10 +28,8 @@ class Distill:
 
     def __call__(self, model, batch: Batch) -> Output:
         out = forward(model, batch, self.packing, self.vision)
-        teacher_logits = frozen_logits(model, self.teacher, batch, self.packing, self.vision)
-        positions, targets, _ = supervised(batch)
-        student = out.logits.flatten(0, 1)[positions].float()
-        teacher = teacher_logits.flatten(0, 1)[positions].float()
+        student, targets, _ = supervised_logits(model, out.hidden_states, batch)
+        teacher = frozen_logits(model, self.teacher, batch, self.packing, self.vision)
         ce = F.cross_entropy(student, targets, reduction="sum")
         t = self.temperature
         kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), log_target=True,

@@ -22,13 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch
-from .base import Output, forward, frozen_logits, sum_per_document, supervised_logps
-
-
-def document_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Summed log-probability of each document's supervised tokens: logits [R, T, V] -> [2 * pairs] float32."""
-    logps, documents = supervised_logps(logits, batch)
-    return sum_per_document(logps, documents, 2 * batch.samples)
+from .base import Output, forward, frozen_logps, sum_per_document, supervised_logps
 
 
 class DPO:
@@ -44,9 +38,10 @@ class DPO:
 
     def __call__(self, model, batch: Batch) -> Output:
         out = forward(model, batch, self.packing, self.vision)
-        logps, owner = supervised_logps(out.logits, batch)
+        logps, owner = supervised_logps(model, out.hidden_states, batch)
         policy = sum_per_document(logps, owner, 2 * batch.samples)
-        reference = document_logps(frozen_logits(model, self.reference, batch, self.packing, self.vision), batch)
+        reference = sum_per_document(frozen_logps(model, self.reference, batch, self.packing, self.vision), owner,
+                                     2 * batch.samples)
         chosen_reward = self.beta * (policy[0::2] - reference[0::2])
         rejected_reward = self.beta * (policy[1::2] - reference[1::2])
         losses = -F.logsigmoid(chosen_reward - rejected_reward)

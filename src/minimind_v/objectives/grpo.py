@@ -29,7 +29,7 @@ from ..generate import GenerationConfig, sample_completions
 from ..rewards import Response, Rewards
 from ..samples import Sample
 from ..weights import unwrap
-from .base import Output, forward, frozen_logits, sum_per_document, supervised_logps
+from .base import Output, forward, frozen_logps, sum_per_document, supervised_logps
 
 LOSS_TYPES = ("grpo", "cispo")
 
@@ -63,15 +63,14 @@ class GRPO:
         advantages, zero_std = self._advantages(rewards)
         documents = self._documents(batch, completions).to(batch.input_ids.device)
         out = forward(model, documents, self.packing, self.vision)
-        logps, owner = supervised_logps(out.logits, documents)
+        logps, owner = supervised_logps(model, out.hidden_states, documents)
         token_loss = self._policy_loss(logps, advantages[owner])
         lengths = sum_per_document(torch.ones_like(logps), owner, answers)
         metrics = {"reward": rewards.sum(), "zero_std_groups": zero_std.float().sum(),
                    "response_len": lengths.sum(), "rollout_s": torch.tensor(rollout_seconds, device=rewards.device)}
         metrics.update({f"reward_{kind}": value.sum() for kind, value in scores.items()})
         if self.beta:
-            reference, _ = supervised_logps(frozen_logits(model, self.reference, documents, self.packing,
-                                                          self.vision), documents)
+            reference = frozen_logps(model, self.reference, documents, self.packing, self.vision)
             delta = reference - logps
             token_kl = torch.exp(delta) - delta - 1
             token_loss = token_loss + self.beta * token_kl
@@ -135,4 +134,4 @@ class GRPO:
         process of a distributed run still takes part in the step."""
         out = forward(model, pack([], 1).to(batch.input_ids.device), self.packing, self.vision)
         metrics = {name: torch.zeros((), device=batch.input_ids.device) for name in self.metrics}
-        return Output(out.logits.sum() * 0.0, out.aux_loss, metrics)
+        return Output(out.hidden_states.sum() * 0.0, out.aux_loss, metrics)
