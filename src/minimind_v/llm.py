@@ -164,26 +164,25 @@ def as_kv_cache(past_key_values) -> KVCache | None:
 
 def attention_mask_for(
     batch: int, new: int, past: int, device: torch.device,
-    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None, packed_positions: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """Boolean mask [B, 1, T, S] (True = may attend), or None when plain causal attention is exact.
 
     attention_mask [B, S]: 1 for real tokens, 0 for padding (left padding in batched generation).
-    position_ids [B, T] without a cache or attention_mask: packed documents; every 0 starts a new document
-    and tokens attend only inside their own document.
+    packed_positions [B, T] (position ids of packed documents, never with a cache or attention_mask): every 0
+    starts a new document and tokens attend only inside their own document.
     Each query may always attend to itself, so no softmax row is empty (padding rows give unused values).
     """
     total = past + new
-    packed = position_ids is not None and attention_mask is None and past == 0
-    if attention_mask is None and not packed and (past == 0 or new == 1):
+    if attention_mask is None and packed_positions is None and (past == 0 or new == 1):
         return None
     query_pos = torch.arange(past, total, device=device).unsqueeze(1)
     key_pos = torch.arange(total, device=device).unsqueeze(0)
     mask = (key_pos <= query_pos).expand(batch, new, total)
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, :].bool()
-    if packed:
-        doc = (position_ids == 0).cumsum(dim=1)
+    if packed_positions is not None:
+        doc = (packed_positions == 0).cumsum(dim=1)
         mask = mask & (doc.unsqueeze(2) == doc.unsqueeze(1))
     mask = mask | (key_pos == query_pos)
     return mask.unsqueeze(1)

@@ -104,8 +104,8 @@ def compile_blocks(model: torch.nn.Module) -> None:
 
 
 class Trainer:
-    """A run ready to train: `model` (on its device), `wrapped` (DDP / compiled), `data`, `objective`,
-    `optimizer`, `scaler`, `state`, and the paths it writes."""
+    """A run ready to train: `model` (on its device; `--use_compile` compiles its blocks in place), `wrapped`
+    (DDP, else the model), `data`, `objective`, `optimizer`, `scaler`, `state`, and the paths it writes."""
 
     def __init__(self, config: TrainConfig, processes: distributed.Processes):
         self.config, self.stage, self.processes = config, config.stage_spec, processes
