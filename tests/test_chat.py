@@ -127,6 +127,84 @@ def test_describe_reads_every_mode_and_skips_broken_files(tiny_model_dir, photo_
     assert err.count("[skipped]") == 3
 
 
+def test_describe_asks_about_a_subfolder_of_images_together(tiny_model_dir, folder_engine, tmp_path, capsys):
+    """A subfolder is one question about its images in name order; one whose prompt is over --max_seq_len is
+    skipped with the reason, the others still run."""
+    for name, colour in (("b.png", "blue"), ("a.png", "red")):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / name)
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "crowd").mkdir()
+    for name, colour in (("2.png", "green"), ("1.png", "yellow")):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "pair" / name)
+    for k in range(12):
+        Image.new("RGB", (40, 30), "white").save(tmp_path / "crowd" / f"{k:02d}.png")
+    (tmp_path / "empty").mkdir()
+    cli.main(["describe", "--load_from", str(tiny_model_dir), "--image_dir", str(tmp_path), "--max_new_tokens",
+              "4", "--device", "cpu", "--temperature", "0", "--group_prompt", "Which differs?", "--max_seq_len",
+              "300"])
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if line.startswith("[Image")] == [
+        "[Image]: a.png", "[Image]: b.png", "[Images (2)]: pair"]
+    assert "described 2 image(s) and 1 group(s) of images, skipped 1: crowd" in out
+    assert "[skipped] crowd: the prompt has" in err and "more than the limit of 300" in err
+    images = [Image.open(tmp_path / "pair" / n).convert("RGB") for n in ("1.png", "2.png")]
+    request = ChatRequest([{"role": "user", "content": "Image 1: <image>\nImage 2: <image>\nWhich differs?"}],
+                          images)
+    expected = folder_engine.generate([request], GenerationConfig(max_new_tokens=4, do_sample=False))[0].text
+    assert f"[Q]: Which differs?\n[A]: {expected}" in out
+
+
 def test_describe_without_images_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no images"):
         cli.main(["describe", "--image_dir", str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    """An mp4, an animated GIF, a still GIF, a photograph and a file that is not a video."""
+    pytest.importorskip("av")
+    from test_video import encode, write_gif
+
+    folder = tmp_path_factory.mktemp("videos")
+    encode(str(folder / "a_clip.mp4"), "libx264", count=12)
+    write_gif(folder / "b_moving.gif", count=6)
+    Image.new("RGB", (32, 32), "red").save(folder / "c_still.gif")
+    Image.fromarray(skimage.data.coffee()).save(folder / "d_coffee.png")
+    (folder / "e_broken.webm").write_bytes(b"\x1a\x45\xdf\xa3 not really a webm")
+    return folder
+
+
+def test_session_attaches_videos_and_images_in_order(folder_engine, video_dir):
+    from minimind_v.video import load_video
+
+    session = ChatSession(folder_engine, GREEDY, show_speed=False, video_frames=3)
+    out = io.StringIO()
+    for line in [f"/video {video_dir / 'a_clip.mp4'}", f"/image {video_dir / 'd_coffee.png'}",
+                 f"/video {video_dir / 'e_broken.webm'}", "What happens?"]:
+        assert session.handle(line, out)
+    assert "[video 1 attached" in out.getvalue() and "[image 1 attached" in out.getvalue()
+    assert "cannot read video" in out.getvalue() and "e_broken.webm" in out.getvalue()
+    assert session.messages[0]["content"] == "<video><image>\nWhat happens?" and not session.pending
+    assert len(session.images) == 1 and [len(v.frames) for v in session.videos] == [3]
+
+    video = load_video(str(video_dir / "a_clip.mp4"), 3)
+    request = ChatRequest(session.messages[:1], session.images, videos=[video])
+    assert session.messages[1]["content"] == folder_engine.generate([request], GREEDY)[0].text
+    messages, images = folder_engine.visuals(request)
+    assert messages[0]["content"].startswith("Video, 3 frames:\n0.2s: <image>\n0.6s: <image>\n1.0s: <image><image>")
+    assert len(images) == 4
+
+    assert session.handle("Where was I?", out) and len(session.messages) == 4  # the video stays in the history
+    assert session.handle("/reset", out) and session.videos == [] and session.images == []
+
+
+def test_describe_takes_videos_and_animated_gifs(tiny_model_dir, video_dir, capsys):
+    cli.main(["describe", "--load_from", str(tiny_model_dir), "--image_dir", str(video_dir), "--max_new_tokens",
+              "4", "--device", "cpu", "--video_frames", "2", "--video_prompt", "What moves?"])
+    out, err = capsys.readouterr()
+    kinds = [line.split(": ", 1) for line in out.splitlines() if line.startswith(("[Image]: ", "[Video]: "))]
+    assert kinds == [["[Video]", "a_clip.mp4"], ["[Video]", "b_moving.gif"], ["[Image]", "c_still.gif"],
+                     ["[Image]", "d_coffee.png"]]
+    assert out.count("[Q]: What moves?") == 2
+    assert "described 2 image(s) and 2 video(s), skipped 1: e_broken.webm" in out
+    assert "[skipped] cannot read video" in err

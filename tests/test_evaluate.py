@@ -132,6 +132,50 @@ def test_blind_requests_get_one_grey_image_per_image():
     assert all(r.open_thinking for r in engine.requests[4:])
 
 
+@pytest.mark.parametrize("task", ["multi", "video"])
+def test_task_files_with_several_images_or_a_video(task, tmp_path):
+    """Rows of the multi and video tasks load every image / the sampled frames of the video; the majority baseline
+    reads the training answers without decoding media; a blind video is grey frames at the same timestamps."""
+    synth.generate(synth.SynthConfig(seed=3, task=task, lang="en"), str(tmp_path),
+                   {"vlm_sft": 8, "vlm_test": 12})
+    test_path, train_path = str(tmp_path / "vlm_test.parquet"), str(tmp_path / "vlm_sft.parquet")
+    items = list(ev.iter_items(test_path, video_frames=4))
+    if task == "multi":
+        assert all(len(i.images) == 2 and not i.videos for i in items)
+    else:
+        assert all(not i.images and len(i.videos) == 1 and len(i.videos[0].frames) == 4 for i in items)
+    result = ev.evaluate(lambda batch, blind: [i.answers[0] for i in batch], test_path, train_path, blind=True,
+                         video_frames=4)
+    assert result["accuracy"] == 1.0 and result["skipped_rows"] == 0 and result["majority_source"] == "train"
+    assert set(result["per_type"]) <= set(synth.TASK_QUESTION_TYPES[task])
+
+    class FakeEngine:
+        model = SimpleNamespace(image_processor=SimpleNamespace(size=32))
+        requests = []
+
+        def generate(self, requests, config):
+            self.requests.extend(requests)
+            return [SimpleNamespace(text="ok") for _ in requests]
+
+    engine = FakeEngine()
+    ev.engine_answerer(engine)(items[:1], True)
+    (request,) = engine.requests
+    if task == "video":
+        (video,) = request.videos
+        assert video.timestamps == items[0].videos[0].timestamps
+        assert all(f.getpixel((3, 3)) == ev.BLIND_GREY for f in video.frames)
+    else:
+        assert len(request.images) == 2 and all(i.getpixel((3, 3)) == ev.BLIND_GREY for i in request.images)
+
+
+def test_a_video_marker_without_a_video_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"question": ["<video>\nWhich way?", "Plain?"], "answer": ["left", "no"]}), path)
+    skipped = ev.Skipped()
+    assert [i.question for i in ev.iter_items(str(path), skipped=skipped)] == ["Plain?"]
+    assert skipped.count == 1 and "0 video(s)" in next(iter(skipped.reasons))
+
+
 def test_generic_vqa_parquet(tmp_path):
     (tmp_path / "cat.png").write_bytes(png((10, 10, 10)))
     table = pa.table({

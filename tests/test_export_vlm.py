@@ -147,7 +147,9 @@ def test_refusals_write_nothing(tiny_tokenizer, tmp_path):
     towerless = MiniMindVLM(preset_config("tiny", vocab_size=len(tiny_tokenizer), vision_config=None))
     other_tower = MiniMindVLM(config)
     other_tower.vision_encoder = torch.nn.Identity()
-    for model, reason in ((with_lora, "LoRA"), (towerless, "no vision tower"), (other_tower, "only a SigLIP")):
+    tiled = MiniMindVLM(preset_config("tiny", vocab_size=len(tiny_tokenizer), max_tiles=4))
+    for model, reason in ((with_lora, "LoRA"), (towerless, "no vision tower"), (other_tower, "only a SigLIP"),
+                          (tiled, "up to 4 tiles")):
         with pytest.raises(ValueError, match=reason):
             export_lfm2_vl(model, tiny_tokenizer, str(tmp_path / "out"))
         assert not (tmp_path / "out").exists()

@@ -30,7 +30,8 @@ serve = pytest.importorskip("minimind_v.serve")
 pytestmark = pytest.mark.slow  # starts a server process (several seconds)
 
 KEY = "sk-test-key"
-LIMITS = dict(max_tokens_limit=64, max_images=2, max_image_bytes=60_000, max_seq_len=400)
+LIMITS = dict(max_tokens_limit=64, max_images=2, max_image_bytes=60_000, max_seq_len=400, max_videos=1,
+              max_video_bytes=100_000, max_video_seconds=5, video_frames=3, max_visual_tokens=4 * 64)  # tiny: 64 a tile
 
 
 def picture(seed: int, size: int = 48) -> Image.Image:
@@ -46,6 +47,23 @@ def data_url(image: Image.Image, fmt: str = "PNG") -> str:
 def user(text: str, *urls: str) -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": parts}]
+
+
+def gif_video(count: int, frame_ms: int = 100, size: int = 32) -> bytes:
+    """An animated GIF of `count` frames of distinct colours, `frame_ms` each: a video any PyAV reads."""
+    frames = [Image.new("RGB", (size, size), (i * 20 % 256, 80, 255 - i * 20 % 256)) for i in range(count)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return buffer.getvalue()
+
+
+def video_url(data: bytes, kind: str = "gif") -> str:
+    return f"data:video/{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def user_with_video(text: str, *video_urls: str, image_urls=()) -> list[dict]:
+    parts = [{"type": "video_url", "video_url": {"url": u}} for u in video_urls]
+    return [{"role": "user", "content": parts + user(text, *image_urls)[0]["content"]}]
 
 
 def free_port() -> int:
@@ -287,6 +305,23 @@ def test_local_images_only_under_the_allowed_folder(server, client, engine, tmp_
             client.chat.completions.create(model="m", messages=user("?", url))
 
 
+def test_video_completion_matches_engine_from_data_urls_and_local_files(server, client, engine):
+    from minimind_v.video import load_video
+
+    pytest.importorskip("av")
+    data = gif_video(12)
+    (server[1] / "clip.gif").write_bytes(data)
+    request = ChatRequest([{"role": "user", "content": "<video>What happens?"}], [], videos=[load_video(data, 3)])
+    want = engine.generate([request], GenerationConfig(max_new_tokens=12, do_sample=False))[0]
+    assert [len(v.frames) for v in request.videos] == [3]
+    for url in (video_url(data), str(server[1] / "clip.gif"), "clip.gif"):
+        reply = client.chat.completions.create(
+            model="m", messages=user_with_video("What happens?", url), temperature=0, max_tokens=12
+        )
+        assert reply.choices[0].message.content == want.text
+        assert reply.usage.prompt_tokens == want.prompt_tokens == len(engine.prompt_ids(request))
+
+
 def big_noise_png() -> str:
     return data_url(Image.fromarray(np.random.RandomState(0).randint(0, 256, (200, 200, 3), dtype=np.uint8)))
 
@@ -304,6 +339,18 @@ BAD_REQUESTS = {
     "prompt too long": (dict(messages=user("red circle blue square " * 200)), "context_length_exceeded"),
     "max_tokens over the limit": (dict(messages=user("?"), max_tokens=65), "invalid_value"),
     "image marker in text": (dict(messages=user("look: <image>")), None),
+    "video marker in text": (dict(messages=user("look: <video>")), None),
+    "not a video": (dict(messages=user_with_video("?", video_url(b"plain text", "mp4"))), "invalid_video"),
+    "video invalid base64": (dict(messages=user_with_video("?", "data:video/mp4;base64,not*base64!")),
+                             "invalid_video_url"),
+    "remote video": (dict(messages=user_with_video("?", "https://example.com/cat.mp4")), "unsupported_video_url"),
+    "video too long": (dict(messages=user_with_video("?", video_url(gif_video(60)))), "video_too_long"),
+    "video too large": (dict(messages=user_with_video("?", video_url(bytes(150_000), "mp4"))), "video_too_large"),
+    "too many videos": (dict(messages=user_with_video("?", *[video_url(gif_video(4))] * 2)), "too_many_videos"),
+    "too many visual tokens": (
+        dict(messages=user_with_video("?", video_url(gif_video(4)), image_urls=[data_url(picture(i)) for i in (1, 2)])),
+        "too_many_visual_tokens",
+    ),
     "no messages": (dict(messages=[]), None),
     "user content null": (dict(messages=[{"role": "user", "content": None}]), None),
     "max_tokens as a string": (dict(messages=user("?"), max_tokens="5"), None),

@@ -123,10 +123,14 @@ def test_help_lists_every_limit_with_its_default():
         ("--max_connections", "512"),
         ("--request_timeout", "600.0"),
         ("--send_timeout", "30.0"),
+        ("--max_videos", "2"),
+        ("--max_video_bytes", "16777216"),
+        ("--max_video_seconds", "120.0"),
+        ("--max_visual_tokens", "4096"),
         ("--host", "127.0.0.1"),
     ]:
         assert f"{flag} " in text and f"(default: {default}" in text.split(f"{flag} ", 1)[1], flag
-    assert "--max_body_bytes" in text and "--cors_origins" in text
+    assert "--max_body_bytes" in text and "--cors_origins" in text and "--video_frames" in text
     args = parser.parse_args([])
     assert args.host == "127.0.0.1" and args.cors_origins == []
     assert serve.Limits(max_images=2, max_image_bytes=3000).max_body_bytes == 2 * (4000 + 1024) + 2**20

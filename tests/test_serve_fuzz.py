@@ -14,14 +14,16 @@ import pytest
 from PIL import Image
 
 from minimind_v.tokenizer import IMAGE_MARKER
-from test_serve import KEY, running_server
+from minimind_v.video import VIDEO_MARKER
+from test_serve import KEY, gif_video, running_server, video_url
 
 st = pytest.importorskip("hypothesis.strategies")
 pytest.importorskip("schemathesis")
 serve = pytest.importorskip("minimind_v.serve")
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (after the importorskip above)
 
-LIMITS = serve.Limits(max_images=2, max_image_bytes=20_000, max_image_pixels=64 * 64)
+LIMITS = serve.Limits(max_images=2, max_image_bytes=20_000, max_image_pixels=64 * 64, max_videos=1,
+                      max_video_bytes=20_000, max_video_seconds=2, video_frames=2)
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -46,9 +48,17 @@ URL = st.one_of(
     st.sampled_from(["https://example.com/cat.png", "/etc/passwd", "file:///etc/passwd", "../x.png", "\0"]),
     st.text(max_size=20),
 )
+VIDEO_URL = st.one_of(
+    st.builds(lambda count, ms: video_url(gif_video(count, ms)), st.integers(1, 6), st.sampled_from([50, 500])),
+    st.binary(max_size=40).map(lambda data: video_url(data, "mp4")),
+    st.sampled_from([video_url(b"\x1a\x45\xdf\xa3" + bytes(30), "webm"), video_url(b"#EXTM3U\nfile:///etc/passwd\n"),
+                     "https://example.com/cat.mp4", "/etc/passwd", "../x.mp4"]),
+    URL,
+)
 PART = st.one_of(JSON, st.fixed_dictionaries(
-    {"type": st.sampled_from(["text", "image_url", "input_audio"]) | JSON},
-    optional={"text": st.text(max_size=20) | JSON, "image_url": st.fixed_dictionaries({"url": URL}) | JSON}))
+    {"type": st.sampled_from(["text", "image_url", "video_url", "input_audio"]) | JSON},
+    optional={"text": st.text(max_size=20) | JSON, "image_url": st.fixed_dictionaries({"url": URL}) | JSON,
+              "video_url": st.fixed_dictionaries({"url": VIDEO_URL}) | JSON}))
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "robot"]) | JSON},
     optional={"content": st.text(max_size=20) | st.lists(PART, max_size=3) | JSON,
@@ -57,7 +67,7 @@ MESSAGE = st.fixed_dictionaries(
 
 def parses_or_refuses(messages) -> None:
     try:
-        parsed, images = serve.parse_messages(messages, LIMITS)
+        parsed, images, videos = serve.parse_messages(messages, LIMITS)
     except serve.ApiError as err:
         assert 400 <= err.status < 500 and err.message
         assert set(err.body()["error"]) == {"message", "type", "param", "code"}
@@ -65,6 +75,8 @@ def parses_or_refuses(messages) -> None:
     assert len(parsed) == len(messages) and all(isinstance(m["content"], str) for m in parsed)
     assert sum(m["content"].count(IMAGE_MARKER) for m in parsed) == len(images)
     assert all(image.mode == "RGB" and image.width * image.height <= LIMITS.max_image_pixels for image in images)
+    assert sum(m["content"].count(VIDEO_MARKER) for m in parsed) == len(videos) <= LIMITS.max_videos
+    assert all(1 <= len(video.frames) <= LIMITS.video_frames for video in videos)
 
 
 @PROPERTY
@@ -83,6 +95,45 @@ def test_null_user_content_is_refused_where_it_is():
     with pytest.raises(serve.ApiError) as caught:
         serve.parse_messages([{"role": "system", "content": "x"}, {"role": "user", "content": None}], LIMITS)
     assert caught.value.status == 400 and caught.value.param == "messages[1].content"
+
+
+@pytest.mark.parametrize("reason, code", [("video_too_long", "video_too_long"), ("video_too_large", "video_too_large"),
+                                          ("bad_video", "invalid_video"), ("no_frames", "invalid_video"),
+                                          ("video_support_missing", "video_unsupported")])
+def test_each_video_error_has_its_code(monkeypatch, reason, code):
+    def refuse(*args, **kwargs):
+        raise serve.VideoError("no", reason)
+
+    monkeypatch.setattr(serve, "load_video", refuse)
+    with pytest.raises(serve.ApiError) as caught:
+        serve.decode_video_url(video_url(gif_video(2)), LIMITS, "p")
+    assert caught.value.status == 400 and caught.value.code == code and caught.value.param == "p"
+
+
+def test_video_frames_are_bounded_by_the_image_pixel_limit():
+    pytest.importorskip("av")
+    small = serve.Limits(max_image_pixels=31 * 31, video_frames=2)
+    with pytest.raises(serve.ApiError, match="32x32 pixels") as caught:
+        serve.decode_video_url(video_url(gif_video(3, size=32)), small, "p")
+    assert caught.value.code == "video_too_large"
+    assert len(serve.decode_video_url(video_url(gif_video(3, size=31)), small, "p").frames) == 2
+
+
+def test_visual_tokens_count_image_tiles_and_video_frames():
+    from types import SimpleNamespace
+
+    from minimind_v.generate import ChatRequest
+    from minimind_v.video import Video
+    from minimind_v.vision import ImagePreprocessor
+
+    processor = ImagePreprocessor(size=64, max_tiles=4)
+    model = SimpleNamespace(image_processor=processor, config=SimpleNamespace(image_token_len=16))
+    wide, small = Image.new("RGB", (256, 128)), Image.new("RGB", (32, 32))
+    video = Video([small] * 3, [0.5, 1.5, 2.5])
+    request = ChatRequest([], [wide, small], videos=[video])
+    assert serve.visual_tokens(model, request) == (processor.num_tiles(wide) + 1 + 3) * 16
+    assert processor.num_tiles(wide) > 1
+    assert serve.visual_tokens(SimpleNamespace(config=model.config), request) == 0
 
 
 # The server's own limits (images that cannot be read, max_tokens over --max_tokens_limit) refuse some bodies the

@@ -337,3 +337,200 @@ def test_think_reasons_with_the_caption_before_every_sft_answer(tmp_path, tiny_t
         assert all(m["reasoning_content"] == description for m in messages[1::2])
         assert [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages] == \
             json.loads(before)["conversations"]
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+TASK_ROWS = ["--train_rows", "40", "--test_rows", "30", "--pretrain_rows", "10"]
+MEDIA = {"details": "image_bytes", "multi": "image_bytes", "video": "video_bytes"}
+
+
+def task_rows(config: synth.SynthConfig, file: str, count: int) -> list[tuple[str, object, list]]:
+    """(lang, scene, asked) of rows drawn without rendering."""
+    return [synth.draw_task_row(config, file, i)[1:] for i in range(count)]
+
+
+def test_the_shapes_task_is_the_default(tmp_path):
+    run_synth(tmp_path / "plain", "--files", "vlm_sft", "vlm_test")
+    run_synth(tmp_path / "shapes", "--files", "vlm_sft", "vlm_test", "--task", "shapes")
+    for name in ("vlm_sft.parquet", "vlm_test.parquet"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "shapes" / name).read_bytes()
+
+
+@pytest.mark.parametrize("task", ["details", "multi", "video"])
+def test_task_files_are_well_formed_and_deterministic(tmp_path, task):
+    for folder, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        cli(["data", "synth", "--task", task, "--out_dir", str(tmp_path / folder), *TASK_ROWS, "--seed", seed])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
+        [synth.FILE_NAMES[f] for f in synth.TASK_FILES] + [synth.INFO_FILE])
+    assert synth.read_config(str(tmp_path / "a")).task == task
+    sizes = {"details": [(256, 192)], "multi": [(64, 64)] * 2, "video": [(64, 64)] * 8}[task]
+    for file in synth.TASK_FILES:
+        name = synth.FILE_NAMES[file]
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
+        for row in read_rows(tmp_path / "a" / name):
+            messages = json.loads(row["conversations"])
+            questions = row["question"] if file == "vlm_sft" else [row["question"]]
+            answers = row["answer"] if file == "vlm_sft" else [row["answer"]]
+            assert messages == [m for q, a in zip(questions, answers)
+                                for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+            media = row[MEDIA[task]]
+            media = media if isinstance(media, list) else [media]
+            assert [Image.open(io.BytesIO(b)).size for b in media] == sizes
+            marker = "<video>" if task == "video" else "<image>"
+            assert questions[0].count(marker) == (1 if task != "multi" else 2)
+            assert not any(marker in q for q in questions[1:])
+            types = row["question_type"] if file == "vlm_sft" else [row["question_type"]]
+            assert set(types) <= set(synth.TASK_QUESTION_TYPES[task]) | {"caption"}
+
+
+@pytest.mark.parametrize("task", ["details", "multi", "video"])
+def test_task_test_layouts_are_held_out(task):
+    config = synth.SynthConfig(task=task)
+
+    def layouts(scene) -> list[str]:
+        if task == "multi":
+            return [synth.layout_key((s.cell, s.kind, s.colour) for s in shapes) for shapes in scene.scenes]
+        if task == "video":
+            roles = {"move": lambda t: f"move {t.direction}", "turn": lambda t: f"turn {t.new_colour}"}
+            return [synth.layout_key((roles.get(t.role, lambda t: t.role)(t), t.kind, t.colour) for t in scene)]
+        return [synth.layout_key((s.cell, s.kind, s.colour) for s in scene)]
+
+    for file, held_out in (("vlm_test", True), ("vlm_sft", False), ("vlm_pretrain", False)):
+        keys = [key for _, scene, _ in task_rows(config, file, 150) for key in layouts(scene)]
+        assert all(synth.is_held_out(key) == held_out for key in keys), file
+
+
+@pytest.mark.parametrize("task", ["details", "multi", "video"])
+def test_task_answers_are_balanced(task):
+    """Every answer of a question type is about equally frequent (the most frequent under 1.3 times its fair
+    share), so a blind model stays near chance."""
+    by_type: dict[tuple, Counter] = defaultdict(Counter)
+    for lang, _, asked in task_rows(synth.SynthConfig(task=task), "vlm_sft", 1500):
+        for question_type, _, answer in asked:
+            by_type[question_type, lang][answer] += 1
+    assert {t for t, _ in by_type} == set(synth.TASK_QUESTION_TYPES[task])
+    for key, answers in by_type.items():
+        assert len(answers) >= 2 and max(answers.values()) / sum(answers.values()) * len(answers) < 1.3, \
+            (key, answers)
+
+
+def test_details_answers_follow_from_the_scene():
+    for _, shapes, asked in task_rows(synth.SynthConfig(task="details", lang="en"), "vlm_sft", 200):
+        kinds = Counter(s.kind for s in shapes)
+        for question_type, question, answer in asked:
+            if question_type == "count":  # "How many triangles are there?"
+                kind = next(k for k in synth.KINDS if f"many {synth._plural(k)} " in question)
+                assert answer == synth.COUNT_WORDS["en"][kinds[kind]]
+            elif question_type == "presence":
+                kind = question.split()[-1].rstrip("?")
+                assert kind in synth.KINDS and answer == ("yes" if kinds[kind] else "no")
+
+
+def test_details_shapes_are_read_in_tiles_but_not_in_one_square():
+    """The premise of the details task, with a 1-nearest-neighbour classifier on crops around each shape (its true
+    centre given): the whole image resized to image_size x image_size leaves kinds near chance (1 in 5), the same
+    image at the resolution of a 2x2 grid of tiles gives them."""
+    config = synth.SynthConfig(task="details", noise=8.0)
+    size = config.image_size
+    width, height = config.canvas()
+
+    def crops(file: str, count: int, side: int) -> tuple[np.ndarray, list[str]]:
+        features, kinds = [], []
+        for index in range(count):
+            row = synth.task_row(config, file, index)
+            image = Image.open(io.BytesIO(row["image_bytes"])).resize((side, side), Image.Resampling.BICUBIC)
+            pixels = np.pad(np.asarray(image, dtype=np.float32), ((8, 8), (8, 8), (0, 0)), mode="edge")
+            for shape in json.loads(row["scene"]):
+                x, y = int(shape["x"] * side / width) + 8, int(shape["y"] * side / height) + 8
+                crop = pixels[y - 4:y + 5, x - 4:x + 5]
+                contrast = np.abs(crop - np.median(crop.reshape(-1, 3), axis=0)).sum(-1).ravel()
+                features.append(contrast / contrast.sum())
+                kinds.append(shape["kind"])
+        return np.stack(features), kinds
+
+    accuracy = {}
+    for name, side in (("one square", size), ("2x2 tiles", 2 * size)):
+        train, train_kinds = crops("vlm_sft", 250, side)
+        test, test_kinds = crops("vlm_test", 120, side)
+        nearest = ((test[:, None] - train[None]) ** 2).sum(-1).argmin(1)
+        accuracy[name] = np.mean([train_kinds[i] == kind for i, kind in zip(nearest, test_kinds)])
+    assert accuracy["one square"] < 0.45 and accuracy["2x2 tiles"] > 0.85, accuracy
+
+
+def test_multi_answers_need_the_second_image(tmp_path):
+    """From the first image alone (its shape count, its kinds) the best guess of the comparison questions is near
+    chance; questions about the second image's colours need it; --images_shown first keeps the first image and
+    the questions exactly."""
+    config = synth.SynthConfig(task="multi", lang="en")
+    table: dict[tuple, Counter] = defaultdict(Counter)
+    rows = task_rows(config, "vlm_sft", 3000)
+    for _, pair, asked in rows:
+        first = pair.scenes[0]
+        for question_type, question, answer in asked:
+            if question_type == "colour" and "second" not in question:
+                continue
+            seen = len(first) if question_type == "more" else tuple(sorted(s.kind for s in first))
+            table[question_type, seen, question if question_type != "colour" else ""][answer] += 1
+    tests = [a for _, _, asked in task_rows(config, "vlm_test", 600) for a in asked]
+    for question_type, ceiling in (("more", 0.55), ("both", 0.68), ("colour", 0.3)):
+        best = sum(max(c.values()) for (t, *_), c in table.items() if t == question_type)
+        total = sum(sum(c.values()) for (t, *_), c in table.items() if t == question_type)
+        assert best / total < ceiling, (question_type, best / total)
+    assert {t for t, _, _ in tests} == set(synth.TASK_QUESTION_TYPES["multi"])
+
+    files = ["--task", "multi", "--files", "vlm_test", "--test_rows", "20", "--lang", "en"]
+    run_synth(tmp_path / "all", *files)
+    run_synth(tmp_path / "first", *files, "--images_shown", "first")
+    for both, first in zip(*(read_rows(tmp_path / d / "vlm_test.parquet") for d in ("all", "first"))):
+        assert first["image_bytes"] == both["image_bytes"][:1]
+        assert first["question"] == both["question"].replace("Image 2: <image>\n", "")
+        assert first["question"].startswith("Image 1: <image>\n") and first["answer"] == both["answer"]
+
+
+def test_video_middle_frame_does_not_give_the_answer():
+    """What the middle frame shows (where the moving shape is, the turning shape's colour, the kinds in view)
+    predicts few answers: the best table from it, fitted on training rows, scores near chance on held-out rows.
+    Every event happens in the frames."""
+    config = synth.SynthConfig(task="video", lang="en")
+    frames = config.frames
+    middle = synth.middle_frames(frames)
+
+    def seen(question_type: str, tracks) -> tuple:
+        shown = [t.at(middle[-1], frames) for t in tracks]
+        by_role = dict(zip((t.role for t in tracks), shown))
+        if question_type == "motion":
+            return tuple(int(v // 8) for v in (by_role["move"].x, by_role["move"].y))
+        if question_type == "turn":
+            return (by_role["turn"].colour,)
+        return tuple(sorted(s.kind for s in shown if s is not None))
+
+    table: dict[tuple, Counter] = defaultdict(Counter)
+    for _, tracks, asked in task_rows(config, "vlm_sft", 3000):
+        for question_type, _, answer in asked:
+            table[question_type, seen(question_type, tracks)][answer] += 1
+            turn = next(t for t in tracks if t.role == "turn")
+            assert all(t.at(k, frames).colour == t.colour for k in middle for t in [turn])
+    hits = Counter()
+    for _, tracks, asked in task_rows(config, "vlm_test", 600):
+        (question_type, _, answer), = asked
+        guess = table.get((question_type, seen(question_type, tracks)))
+        hits[question_type, guess is not None and guess.most_common(1)[0][0] == answer] += 1
+        assert all(t.at(frames - 1, frames) is not None for t in tracks)
+    for question_type in synth.TASK_QUESTION_TYPES["video"]:
+        rate = hits[question_type, True] / (hits[question_type, True] + hits[question_type, False])
+        assert rate < 0.4, (question_type, rate)
+
+
+def test_task_arguments_are_checked(tmp_path):
+    with pytest.raises(SystemExit, match="writes only vlm_pretrain vlm_sft vlm_test"):
+        run_synth(tmp_path, "--task", "details", "--files", "llm_sft")
+    with pytest.raises(SystemExit, match="--images_shown is for --task multi"):
+        run_synth(tmp_path, "--images_shown", "first")
+    with pytest.raises(SystemExit, match="--frames must be at least 4"):
+        run_synth(tmp_path, "--task", "video", "--frames", "3")
+    with pytest.raises(SystemExit, match=r"the video task asks \['motion', 'turn', 'appear'\], not \['colour'\]"):
+        run_synth(tmp_path, "--task", "video", "--question_types", "colour")
+    with pytest.raises(SystemExit, match="--width and --height"):
+        run_synth(tmp_path, "--task", "details", "--width", "40")

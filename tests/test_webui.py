@@ -171,3 +171,30 @@ def test_browser_uploads_an_image_and_reads_streamed_answers(running_app, tmp_pa
             browser.close()
     partial = {t for t in seen if t and words(first.text).startswith(t) and t != words(first.text)}
     assert len(partial) >= 2  # the first answer arrived in pieces
+
+
+def test_a_turn_with_a_video_and_an_image_sends_both(tmp_path, tiny_model_dir):
+    pytest.importorskip("av")
+    from minimind_v.video import load_video
+    from test_serve import gif_video
+
+    (tmp_path / "clip.gif").write_bytes(gif_video(8))
+    Image.new("RGB", (40, 30), "green").save(tmp_path / "pic.png")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    args = webui_args("--load_from", str(tiny_model_dir), "--video_frames", "2", "--temperature", "0")
+    host = webui.ModelHost(args, [webui.ModelChoice("tiny", str(tiny_model_dir), False)])
+    assert host.load("tiny").startswith("Loaded")
+    files = [str(tmp_path / "clip.gif"), str(tmp_path / "pic.png")]
+    turns = list(webui.respond(host, {"text": "What moves?", "files": files}, [], webui.NEW_CONVERSATION,
+                               0.0, 0.9, 6, False))
+    history, conversation = turns[-1][1], turns[-1][2]
+    assert conversation["messages"][0]["content"] == "<video><image>\nWhat moves?"
+    assert [len(v.frames) for v in conversation["videos"]] == [2] and len(conversation["images"]) == 1
+    request = ChatRequest(conversation["messages"][:1], [load_image(files[1])],
+                          videos=[load_video(files[0], 2)])
+    want = host.engine.generate([request], GenerationConfig(max_new_tokens=6, temperature=0))[0]
+    assert history[-1]["content"] == want.text == conversation["messages"][1]["content"]
+
+    turns = list(webui.respond(host, {"text": "?", "files": [str(tmp_path / "bad.mp4")]}, history, conversation,
+                               0.0, 0.9, 6, False))
+    assert "cannot read video" in turns[-1][1][-1]["content"] and turns[-1][2] is conversation

@@ -30,7 +30,17 @@ class ImagePart(Fields):
     image_url: ImageUrl
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoUrl(Fields):
+    url: str = Field(description="a data:video/...;base64 URL (mp4, webm, gif, ...), or a file under "
+                                 "--local_image_root; sampled into --video_frames frames")
+
+
+class VideoPart(Fields):
+    type: Literal["video_url"]
+    video_url: VideoUrl
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class FunctionCall(Fields):
@@ -95,8 +105,8 @@ EXAMPLE = {"max_tokens": 8, "messages": [{"role": "user", "content": [
 
 
 class ChatCompletionBody(Fields):
-    """A chat completion request. The server's own limits (messages, images, prompt tokens, max_tokens) come on
-    top of this schema and are answered with a 400 naming them."""
+    """A chat completion request. The server's own limits (messages, images, videos, visual tokens, prompt tokens,
+    max_tokens) come on top of this schema and are answered with a 400 naming them."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE]})
     messages: list[Message] = Field(min_length=1)

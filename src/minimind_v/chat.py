@@ -1,9 +1,11 @@
-"""`minimind-v chat`: a multi-turn conversation with images in the terminal.
+"""`minimind-v chat`: a multi-turn conversation with images and videos in the terminal.
 
 Type a message and press Enter; the reply streams back. Commands: `/image PATH` attaches an image to your
-next message (repeat it for several), `/reset` forgets the conversation, `/think on|off` switches the
-reasoning block, `/quit` (or end of input) leaves. Input may also be piped in, one line per message.
-Also holds the model loading and reply printing shared by `describe`, `serve` and `webui`.
+next message (repeat it for several), `/video PATH` a video (`--video_frames` frames sampled uniformly), `/reset`
+forgets the conversation, `/think on|off` switches the reasoning block, `/quit` (or end of input) leaves.
+Attachments go where the message writes `<image>` / `<video>`, else in attach order before its text. Input may
+also be piped in, one line per message. Also holds the model loading and reply printing shared by `describe`,
+`serve` and `webui`.
 """
 
 from __future__ import annotations
@@ -17,16 +19,25 @@ from PIL import Image
 
 from .generate import ChatRequest, Completion, Engine, GenerationConfig, inference_dtype, pack_linear_weights
 from .loading import load_model
-from .options import add_dtype_argument, add_model_arguments, add_sampling_arguments, model_options, sampling_config
+from .options import (
+    add_dtype_argument,
+    add_model_arguments,
+    add_sampling_arguments,
+    add_vision_input_arguments,
+    model_options,
+    sampling_config,
+)
 from .tokenizer import IMAGE_MARKER
+from .video import VIDEO_MARKER, Video, load_video
 from .vision import load_image
 
-HELP = "commands: /image PATH (attach an image to the next message; repeat for several), /reset, /think on|off, /quit"
+HELP = ("commands: /image PATH, /video PATH (attach an image or a video to the next message; repeat for several), "
+        "/reset, /think on|off, /quit")
 
 
 def load_for_inference(args):
-    """(model, tokenizer) of the `add_model_arguments` flags, its weights in the `--dtype` that `inference_dtype`
-    picks; the choice and its reason go to stderr."""
+    """(model, tokenizer) of the `add_model_arguments` and `add_vision_input_arguments` flags, its weights in the
+    `--dtype` that `inference_dtype` picks; the choice and its reason go to stderr."""
     dtype, reason = inference_dtype(args.device, args.dtype)
     print(f"[weights in {str(dtype).removeprefix('torch.')}: {reason}]", file=sys.stderr)
     return load_model(**model_options(args), dtype=dtype)
@@ -77,17 +88,20 @@ def print_reply(
 
 
 class ChatSession:
-    """The conversation so far: messages with `<image>` markers, and the images they refer to, in order."""
+    """The conversation so far: messages with `<image>` and `<video>` markers, and the images and videos they refer
+    to, in order. `pending` holds what is attached to the next message, in attach order."""
 
-    def __init__(self, engine: Engine, config: GenerationConfig, open_thinking: bool = False, show_speed: bool = True):
+    def __init__(self, engine: Engine, config: GenerationConfig, open_thinking: bool = False, show_speed: bool = True,
+                 video_frames: int = 8):
         self.engine, self.config = engine, config
-        self.open_thinking, self.show_speed = open_thinking, show_speed
+        self.open_thinking, self.show_speed, self.video_frames = open_thinking, show_speed, video_frames
         self.reset()
 
     def reset(self) -> None:
         self.messages: list[dict] = []
         self.images: list[Image.Image] = []
-        self.pending: list[Image.Image] = []
+        self.videos: list[Video] = []
+        self.pending: list[Image.Image | Video] = []
 
     def handle(self, line: str, out: TextIO) -> bool:
         """Act on one input line; False once the user wants to leave."""
@@ -101,28 +115,35 @@ class ChatSession:
         elif command == "/think" and rest.strip() in ("on", "off"):
             self.open_thinking = rest.strip() == "on"
             out.write(f"[thinking {rest.strip()}]\n")
-        elif command == "/image" and rest.strip():
-            self.attach(rest.strip(), out)
+        elif command in ("/image", "/video") and rest.strip():
+            self.attach(command[1:], rest.strip(), out)
         elif line.startswith("/"):
             out.write(f"[unknown command {line!r}] {HELP}\n")
         elif line:
             self.say(line, out)
         return True
 
-    def attach(self, path: str, out: TextIO) -> None:
+    def attach(self, kind: str, path: str, out: TextIO) -> None:
+        """Attach the image or video (`kind`) at `path` to the next message; a file that cannot be read is
+        reported."""
         try:
-            self.pending.append(load_image(path))
+            self.pending.append(load_image(path) if kind == "image" else load_video(path, self.video_frames))
         except ValueError as err:
             out.write(f"[{err}]\n")
             return
-        out.write(f"[image {len(self.pending)} attached to your next message: {path}]\n")
+        count = sum(isinstance(item, Video) == (kind == "video") for item in self.pending)
+        out.write(f"[{kind} {count} attached to your next message: {path}]\n")
 
     def say(self, text: str, out: TextIO) -> None:
         """One user turn: the reply streams to `out` and both join the history (not when the turn fails)."""
-        if self.pending and IMAGE_MARKER not in text:
-            text = IMAGE_MARKER * len(self.pending) + "\n" + text
+        if self.pending and IMAGE_MARKER not in text and VIDEO_MARKER not in text:
+            markers = "".join(VIDEO_MARKER if isinstance(item, Video) else IMAGE_MARKER for item in self.pending)
+            text = markers + "\n" + text
+        images = [item for item in self.pending if not isinstance(item, Video)]
+        videos = [item for item in self.pending if isinstance(item, Video)]
         user = {"role": "user", "content": text}
-        request = ChatRequest(self.messages + [user], self.images + self.pending, self.open_thinking)
+        request = ChatRequest(self.messages + [user], self.images + images, self.open_thinking,
+                              videos=self.videos + videos)
         try:
             completion = print_reply(self.engine, request, self.config, out, self.show_speed)
         except ValueError as err:
@@ -132,7 +153,8 @@ class ChatSession:
         if completion.reasoning is not None:
             reply["reasoning_content"] = completion.reasoning
         self.messages += [user, reply]
-        self.images += self.pending
+        self.images += images
+        self.videos += videos
         self.pending = []
 
 
@@ -149,11 +171,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, weight="sft_vlm")
     add_dtype_argument(parser)
     add_sampling_arguments(parser)
+    add_vision_input_arguments(parser)
 
 
 def main(args) -> None:
     engine = load_engine_or_exit(args)
-    session = ChatSession(engine, sampling_config(args), bool(args.open_thinking), bool(args.show_speed))
+    session = ChatSession(engine, sampling_config(args), bool(args.open_thinking), bool(args.show_speed),
+                          args.video_frames)
     interactive = sys.stdin.isatty()
     if interactive:
         print(HELP)

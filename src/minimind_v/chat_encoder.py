@@ -1,11 +1,12 @@
 """The one chat encoder: messages with `<image>` markers -> token ids, labels and image slots. Training samples,
 preference pairs, RL prompts and the generation engine all encode through it.
 
-The text comes from the tokenizer's chat template, with each `<image>` of a non-system message expanded to a
-block of `image_token_len` placeholder tokens. It is tokenised in pieces cut after every assistant header and
-after the think block that opens the turn: a generation prompt ends at exactly such a cut, so the prompt of a
-conversation is token-identical whether it is encoded for training (followed by its answer) or for inference
-(followed by nothing), whatever merges the tokenizer has learned across that boundary.
+The text comes from the tokenizer's chat template, with each `<image>` of a non-system message expanded to its
+placeholder text: a block of `image_token_len` placeholder tokens, or one block per square and a row separator per
+row of tiles for an image cut into tiles (`vision.image_placeholder`). It is tokenised in pieces cut after every
+assistant header and after the think block that opens the turn: a generation prompt ends at exactly such a cut,
+so the prompt of a conversation is token-identical whether it is encoded for training (followed by its answer)
+or for inference (followed by nothing), whatever merges the tokenizer has learned across that boundary.
 
 Labels follow the reference rule: supervised from after each `<|im_start|>assistant\\n` through the end of the
 next `<|im_end|>\\n` (or the end of the text); everything else, and the first token, is IGNORE.
@@ -13,6 +14,7 @@ next `<|im_end|>\\n` (or the end of the text); everything else, and the first to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -26,9 +28,9 @@ from .tokenizer import (
     IMAGE_TOKEN,
     OPEN_THINK,
     TURN_END,
-    expand_image_markers,
     render_chat,
 )
+from .vision import Grid, grid_tiles, image_placeholder
 
 IGNORE = -100
 
@@ -43,12 +45,13 @@ class EncodingError(ValueError):
 
 @dataclass
 class Encoded:
-    """ids / labels [L] int64 (labels unshifted, IGNORE = not supervised; all IGNORE for a generation prompt)
-    and the number of images the ids hold placeholder blocks for, in order."""
+    """ids / labels [L] int64 (labels unshifted, IGNORE = not supervised; all IGNORE for a generation prompt),
+    the number of images the ids hold placeholders for and the number of squares (blocks) they fill."""
 
     ids: np.ndarray
     labels: np.ndarray
     images: int
+    squares: int
 
 
 def find_all(ids: np.ndarray, pattern: np.ndarray) -> np.ndarray:
@@ -90,10 +93,30 @@ def turn_pieces(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def count_markers(messages: list[dict]) -> int:
-    """`<image>` markers in the messages that can hold images (every role but system)."""
-    return sum(m["content"].count(IMAGE_MARKER) for m in messages
+def count_markers(messages: list[dict], marker: str = IMAGE_MARKER) -> int:
+    """`<image>` (or other) markers in the messages that can hold images (every role but system)."""
+    return sum(m["content"].count(marker) for m in messages
                if m.get("role") != "system" and isinstance(m.get("content"), str))
+
+
+def image_grids(images: int | Sequence[Grid]) -> list[Grid]:
+    """`images` as one tile grid per image: a count means that many one-square images."""
+    return [(1, 1)] * images if isinstance(images, int) else [tuple(grid) for grid in images]
+
+
+def expand_markers(messages: list[dict], grids: list[Grid], image_token_len: int) -> list[dict]:
+    """Each `<image>` of a non-system string content replaced, in order, by the placeholder of its grid."""
+    placeholders = iter([image_placeholder(grid, image_token_len) for grid in grids])
+    expanded = []
+    for message in messages:
+        content = message.get("content")
+        if message.get("role") == "system" or not isinstance(content, str) or IMAGE_MARKER not in content:
+            expanded.append(message)
+            continue
+        pieces = content.split(IMAGE_MARKER)
+        text = pieces[0] + "".join(next(placeholders) + piece for piece in pieces[1:])
+        expanded.append({**message, "content": text})
+    return expanded
 
 
 class ChatEncoder:
@@ -110,19 +133,19 @@ class ChatEncoder:
     def _tokenize(self, pieces: list[str]) -> list[int]:
         return list(chain.from_iterable(self.tokenizer(pieces, add_special_tokens=False).input_ids))
 
-    def render(self, messages: list[dict], images: int = 0, tools: list | None = None,
+    def render(self, messages: list[dict], images: int | Sequence[Grid] = 0, tools: list | None = None,
                generation_prompt: bool = False, open_thinking: bool = False) -> str:
-        """The template text, `<image>` markers expanded; EncodingError when markers and `images` disagree, the
-        template cannot render the messages, or the text cannot be encoded."""
+        """The template text, `<image>` markers expanded (`images`: a count of one-square images, or each
+        image's tile grid); EncodingError when markers and images disagree, the template cannot render the
+        messages, or the text cannot be encoded."""
+        grids = image_grids(images)
         if self.image_token_len:
             markers = count_markers(messages)
-            if markers != images:
+            if markers != len(grids):
                 raise EncodingError("image_mismatch", f"the messages have {markers} {IMAGE_MARKER} marker(s) but "
-                                                      f"{images} image(s) were given")
-            messages = [m if m.get("role") == "system" or not isinstance(m.get("content"), str)
-                        else {**m, "content": expand_image_markers(m["content"], self.image_token_len)}
-                        for m in messages]
-        elif images:
+                                                      f"{len(grids)} image(s) were given")
+            messages = expand_markers(messages, grids, self.image_token_len)
+        elif grids:
             raise EncodingError("image_mismatch", "this model has no vision tower, so it cannot read images")
         try:
             text = render_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=generation_prompt,
@@ -138,16 +161,18 @@ class ChatEncoder:
                                                     "escape), which no tokenizer can encode") from err
         return text
 
-    def encode(self, messages: list[dict], images: int = 0, tools: list | None = None,
+    def encode(self, messages: list[dict], images: int | Sequence[Grid] = 0, tools: list | None = None,
                generation_prompt: bool = False, open_thinking: bool = False,
                drop_empty_think: bool = False) -> Encoded:
         """Encode a conversation (for training) or a prompt (`generation_prompt`, optionally thinking first).
         `drop_empty_think` removes every empty think block (the reference's training augmentation)."""
-        text = self.render(messages, images, tools, generation_prompt, open_thinking)
+        grids = image_grids(images)
+        squares = sum(grid_tiles(grid) for grid in grids)
+        text = self.render(messages, grids, tools, generation_prompt, open_thinking)
         if drop_empty_think:
             text = text.replace(EMPTY_THINK, "")
         ids = np.array(self._tokenize(turn_pieces(text)), dtype=np.int64)
-        if self.image_token_len and np.count_nonzero(ids == self.image_id) != images * self.image_token_len:
+        if self.image_token_len and np.count_nonzero(ids == self.image_id) != squares * self.image_token_len:
             raise EncodingError("image_mismatch", f"the text itself contains image placeholder tokens "
                                                   f"({IMAGE_TOKEN}); use {IMAGE_MARKER} markers with images instead")
         if generation_prompt:
@@ -155,4 +180,4 @@ class ChatEncoder:
         else:
             labels = assistant_labels(ids, self.begin, self.end)
             labels[:1] = IGNORE
-        return Encoded(ids, labels, images)
+        return Encoded(ids, labels, len(grids), squares)

@@ -14,6 +14,9 @@ from transformers import PretrainedConfig
 # tokenizer, the reference's `image_ids[0]`).
 IMAGE_TOKEN = "<|image_pad|>"
 IMAGE_TOKEN_ID = 12
+# Ends each row of tiles of an image cut into tiles (`max_tiles` > 1): a reserved special token of every MiniMind
+# tokenizer, so the vocabulary is unchanged.
+TILE_ROW_END = "<|vision_pad|>"
 
 YARN_SCALING = {
     "beta_fast": 32,
@@ -120,6 +123,8 @@ class VLMConfig(MiniMindConfig):
 
     `vision_config` (a SiglipVisionConfig dict) describes the tower so that a checkpoint folder can rebuild it
     without the original tower directory; `image_mean`/`image_std`/`image_resample` are its preprocessing.
+    `max_tiles` > 1 cuts large images into up to that many tiles besides their thumbnail
+    (`vision.select_grid`); 1 reads every image as one square, as the reference does.
     """
 
     model_type = "minimind-v"
@@ -134,6 +139,7 @@ class VLMConfig(MiniMindConfig):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         image_resample: int = 3,
+        max_tiles: int = 1,
         **kwargs,
     ):
         self.image_special_token = image_special_token
@@ -144,6 +150,7 @@ class VLMConfig(MiniMindConfig):
         self.image_mean = list(image_mean) if image_mean is not None else [0.5, 0.5, 0.5]
         self.image_std = list(image_std) if image_std is not None else [0.5, 0.5, 0.5]
         self.image_resample = image_resample
+        self.max_tiles = max_tiles
         super().__init__(**kwargs)
 
     @property

@@ -43,6 +43,7 @@ class DataConfig:
     kind: str
     max_seq_len: int
     image_token_len: int = 0
+    video_frames: int = 8
     add_system_ratio: float = 0.2
     empty_think_ratio: float = 0.2
     seed: int = 42
@@ -471,7 +472,7 @@ def sample_builder(config: DataConfig, tokenizer, image_processor=None,
                    vision_cache: FeatureReader | None = None) -> SampleBuilder:
     return SampleBuilder(config.kind, tokenizer, config.max_seq_len, config.image_token_len, image_processor,
                          config.add_system_ratio, config.empty_think_ratio, config.thinking_ratio, config.needs_answer,
-                         vision_cache=vision_cache)
+                         vision_cache=vision_cache, video_frames=config.video_frames)
 
 
 class TrainingData:

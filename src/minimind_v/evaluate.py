@@ -2,12 +2,15 @@
 baseline, on a synthetic test parquet or a generic VQA parquet.
 
 Scores go to `eval.json`: `accuracy`, `blind_accuracy` (null unless `--blind`), `majority_baseline` and
-`per_type`. The blind run replaces every image by one mid-grey image: the gap between `accuracy` and
-`blind_accuracy` is what the model reads from the images.
+`per_type`. The blind run replaces every image and every video frame by one mid-grey image: the gap between
+`accuracy` and `blind_accuracy` is what the model reads from the images.
 
 Accepted columns (see docs/synthetic_data.md):
   images     `image_bytes`, `image` or `images`: encoded bytes, a {"bytes", "path"} struct (Hugging Face image
              feature), a path relative to the parquet's folder, or a list of those; absent or null: text only
+  video      `video_bytes` or `video`: one video per row, an encoded video file (bytes or a path relative to the
+             parquet's folder) or a list of frame images; `--video_frames` frames are sampled uniformly from it.
+             The question marks it with `<video>` (and each image with `<image>`).
   question   `question`; a list of questions is a multi-turn row whose turns are asked one at a time.
              Without it, the first user / assistant messages of `conversations` are the question / answer.
   answer     `answer`: a string, or a list of acceptable strings (with a scalar question)
@@ -35,12 +38,14 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .synth import EN_NUMBERS, POSITIONS, ZH, ZH_NUMBERS
+from .synth import EN_NUMBERS, MOTION_ZH, ORDINALS, POSITIONS, ZH, ZH_NUMBERS
 from .tokenizer import IMAGE_MARKER
+from .video import VIDEO_MARKER, Video, load_video
 from .vision import load_image
 
 BLIND_GREY = (128, 128, 128)
 IMAGE_COLUMNS = ("image_bytes", "image", "images")
+VIDEO_COLUMNS = ("video_bytes", "video")
 TYPE_COLUMNS = ("question_type", "category")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -64,6 +69,9 @@ def _equivalents() -> dict[str, str]:
         table[_ZH_DIGITS[value] + "个"] = digit
         table[digit + "个"] = digit
     table.update({"两": "2", "两个": "2"})
+    table.update({zh: en for en, zh in MOTION_ZH.items()})  # 向左 / left (a video's motion)
+    table.update({zh: en for zh, en in zip(ORDINALS["zh"], ORDINALS["en"])})  # 第二张 / second (which image)
+    table.update({zh[:-1]: en for zh, en in zip(ORDINALS["zh"], ORDINALS["en"])})
     table.update({w: "yes" for w in ("yes", "yeah", "true", "是", "是的", "对", "对的", "有", "有的")})
     table.update({w: "no" for w in ("no", "false", "不是", "否", "不", "没有", "无", "不对")})
     table.update({"grey": "gray", "灰色": "gray", "白色": "white", "黑色": "black"})
@@ -99,6 +107,7 @@ class Item:
     question_type: str
     images: list = field(default_factory=list)  # PIL images
     options: tuple[str, ...] = ()  # normalised option texts, multiple choice only
+    videos: list = field(default_factory=list)  # video.Video
 
 
 def chosen_option(prediction: str, options: Sequence[str]) -> str | None:
@@ -142,6 +151,17 @@ def _images(value, folder: str) -> list[Image.Image]:
     return [load_image(os.path.join(folder, value) if isinstance(value, str) else io.BytesIO(value))]
 
 
+def _videos(value, folder: str, num_frames: int) -> list[Video]:
+    """A row's video: none, an encoded file (bytes or a path) or a list of frame images -> [Video]."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        value = [v.get("bytes") or os.path.join(folder, v["path"]) if isinstance(v, dict) else v for v in value]
+    elif isinstance(value, str):
+        value = os.path.join(folder, value)
+    return [load_video(value, num_frames)]
+
+
 def _options(row: dict) -> list[str]:
     options = row.get("options")
     if isinstance(options, str):
@@ -168,8 +188,9 @@ def _answer_letter(answer: str, options: list[str], normalised: tuple[str, ...])
     raise ValueError(f"the answer {answer!r} is neither an option letter nor one of the options {options}")
 
 
-def items_from_row(row: dict, images: list) -> list[Item]:
-    """The questions of one row (several for a multi-turn row)."""
+def items_from_row(row: dict, images: list, videos: Sequence[Video] = (), check_media: bool = True) -> list[Item]:
+    """The questions of one row (several for a multi-turn row). `check_media`: the question's `<image>` and
+    `<video>` markers must match the row's images and videos (False when they were not loaded)."""
     question_type = next((str(row[c]) for c in TYPE_COLUMNS if row.get(c) is not None), "all")
     question, answer = row.get("question"), row.get("answer")
     if question is None:
@@ -180,22 +201,26 @@ def items_from_row(row: dict, images: list) -> list[Item]:
         raise ValueError("the row has no `answer`")
     first = question[0] if isinstance(question, (list, tuple)) and question else question
     markers = str(first).count(IMAGE_MARKER)
-    if markers and markers != len(images):
+    if check_media and markers and markers != len(images):
         raise ValueError(f"the question has {markers} {IMAGE_MARKER} marker(s) but the row has {len(images)} image(s)")
+    if check_media and str(first).count(VIDEO_MARKER) != len(videos):
+        raise ValueError(f"the question has {str(first).count(VIDEO_MARKER)} {VIDEO_MARKER} marker(s) but the row has "
+                         f"{len(videos)} video(s)")
+    videos = list(videos)
     if isinstance(question, (list, tuple)):  # one entry per turn
         types = row.get("question_type")
         types = types if isinstance(types, (list, tuple)) else [question_type] * len(question)
-        return [Item(q, (normalize_answer(a),), t, images) for q, a, t in zip(question, answer, types)]
+        return [Item(q, (normalize_answer(a),), t, images, videos=videos) for q, a, t in zip(question, answer, types)]
     accepted = list(answer) if isinstance(answer, (list, tuple)) else [answer]
     options = _options(row)
     if not options:
-        return [Item(question, tuple(normalize_answer(a) for a in accepted), question_type, images)]
+        return [Item(question, tuple(normalize_answer(a) for a in accepted), question_type, images, videos=videos)]
     normalised = tuple(normalize_answer(o) for o in options)
     letters = tuple(_answer_letter(a, options, normalised) for a in accepted)
     listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
     hint = f"{row['hint']}\n" if row.get("hint") else ""
     prompt = f"{hint}{question}\n{listed}\n{MC_INSTRUCTION}"
-    return [Item(prompt, letters, question_type, images, normalised)]
+    return [Item(prompt, letters, question_type, images, normalised, videos)]
 
 
 class Skipped:
@@ -213,8 +238,9 @@ class Skipped:
 
 
 def iter_items(path: str, with_images: bool = True, max_samples: int | None = None,
-               skipped: Skipped | None = None) -> Iterator[Item]:
-    """Items of a parquet file, streamed a row group at a time. Unreadable rows are skipped and counted."""
+               skipped: Skipped | None = None, video_frames: int = 8) -> Iterator[Item]:
+    """Items of a parquet file, streamed a row group at a time, `video_frames` frames of each video (`with_images`
+    False: neither images nor videos, for answers alone). Unreadable rows are skipped and counted."""
     import pyarrow.parquet as pq
 
     if not os.path.isfile(path):
@@ -224,14 +250,16 @@ def iter_items(path: str, with_images: bool = True, max_samples: int | None = No
     if "question" not in names and "conversations" not in names:
         raise ValueError(f"{path}: needs `question` and `answer` columns (or `conversations`); found {names}")
     image_column = next((c for c in IMAGE_COLUMNS if c in names), None)
-    columns = [c for c in names if with_images or c != image_column]
+    video_column = next((c for c in VIDEO_COLUMNS if c in names), None)
+    columns = [c for c in names if with_images or c not in (image_column, video_column)]
     folder = os.path.dirname(os.path.abspath(path))
     count = 0
     for batch in parquet.iter_batches(columns=columns, batch_size=256):
         for row in batch.to_pylist():
             try:
                 images = _images(row.get(image_column), folder) if with_images and image_column else []
-                items = items_from_row(row, images)
+                videos = _videos(row.get(video_column), folder, video_frames) if with_images and video_column else []
+                items = items_from_row(row, images, videos, check_media=with_images)
             except (OSError, ValueError, KeyError, StopIteration, json.JSONDecodeError) as err:
                 if skipped is None:
                     raise
@@ -321,7 +349,7 @@ def score_items(items: Iterable[Item], answer: Answerer, batch_size: int = 64, b
 
 def engine_answerer(engine, max_new_tokens: int = 16, open_thinking: bool = False) -> Answerer:
     """Greedy answers from a `generate.Engine` (the text after any think block); blind requests get one grey image
-    per image."""
+    per image and per video frame."""
     from .generate import ChatRequest, GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
@@ -331,7 +359,9 @@ def engine_answerer(engine, max_new_tokens: int = 16, open_thinking: bool = Fals
     def answer(items: Sequence[Item], blind: bool) -> list[str]:
         requests = [ChatRequest(messages=[{"role": "user", "content": item.question}],
                                 images=[grey] * len(item.images) if blind else list(item.images),
-                                open_thinking=open_thinking)
+                                open_thinking=open_thinking,
+                                videos=[Video([grey] * len(v.frames), v.timestamps) for v in item.videos] if blind
+                                else list(item.videos))
                     for item in items]
         return [completion.text for completion in engine.generate(requests, config)]
 
@@ -340,12 +370,12 @@ def engine_answerer(engine, max_new_tokens: int = 16, open_thinking: bool = Fals
 
 def evaluate(answer: Answerer, data_path: str, train_path: str | None = None, blind: bool = False,
              batch_size: int = 64, max_samples: int | None = None, predictions_path: str | None = None,
-             progress: Callable[[Iterator], Iterator] | None = None) -> dict:
-    """Score a parquet file; the majority answers come from `train_path` when given (types it lacks fall
-    back to the test answers), else from the test answers."""
+             progress: Callable[[Iterator], Iterator] | None = None, video_frames: int = 8) -> dict:
+    """Score a parquet file (`video_frames` frames of each video); the majority answers come from `train_path`
+    when given (types it lacks fall back to the test answers), else from the test answers."""
     start = time.perf_counter()
     skipped = Skipped()
-    items: Iterator = iter_items(data_path, max_samples=max_samples, skipped=skipped)
+    items: Iterator = iter_items(data_path, max_samples=max_samples, skipped=skipped, video_frames=video_frames)
     if progress is not None:
         items = progress(items)
     with open(predictions_path, "w", encoding="utf-8") if predictions_path else contextlib.nullcontext() as log:
@@ -368,7 +398,7 @@ def evaluate(answer: Answerer, data_path: str, train_path: str | None = None, bl
     result.update({
         "majority_source": "train" if train_path else "test", "skipped_rows": skipped.count,
         "skipped_reasons": dict(skipped.reasons.most_common(5)), "data_path": data_path, "train_path": train_path,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(time.perf_counter() - start, 1), "video_frames": video_frames,
     })
     return result
 
@@ -437,7 +467,7 @@ def scored_as(path: str) -> tuple[bool, bool]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .options import add_dtype_argument, add_model_arguments
+    from .options import add_dtype_argument, add_model_arguments, add_vision_input_arguments
 
     parser.add_argument("--data_path", required=True,
                         help="test parquet (`minimind-v data synth` vlm_test.parquet or a generic VQA parquet)")
@@ -455,6 +485,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_samples", type=int, default=None, help="score only the first N questions")
     add_model_arguments(parser)
     add_dtype_argument(parser)
+    add_vision_input_arguments(parser)
 
 
 def main(args) -> None:
@@ -475,7 +506,8 @@ def main(args) -> None:
     if questions:
         answer = engine_answerer(Engine(model, tokenizer), args.max_new_tokens, bool(args.open_thinking))
         result = evaluate(answer, args.data_path, args.train_path, args.blind, args.batch_size, args.max_samples,
-                          args.predictions, progress=lambda items: tqdm(items, desc="eval", unit="q", disable=None))
+                          args.predictions, progress=lambda items: tqdm(items, desc="eval", unit="q", disable=None),
+                          video_frames=args.video_frames)
         result.update(max_new_tokens=args.max_new_tokens, open_thinking=bool(args.open_thinking))
         if result["skipped_rows"]:
             print(f"warning: skipped {result['skipped_rows']} unreadable rows: {result['skipped_reasons']}")

@@ -23,6 +23,7 @@ from .chat_encoder import ChatEncoder, count_markers
 from .config import IMAGE_TOKEN_ID
 from .llm import KVCache
 from .tokenizer import IMAGE_MARKER, THINK_CLOSE, THINK_OPEN
+from .video import VIDEO_MARKER, splice_videos
 
 
 @dataclass
@@ -508,12 +509,14 @@ def reference_generate(
 @dataclass
 class ChatRequest:
     """A conversation to continue. User messages mark where images go with `<image>` (one per image, in
-    order); when no message has a marker, the images go at the start of the last user message."""
+    order) and where videos go with `<video>` (`video.Video`s, one per marker); when no message has a marker of
+    their kind, the videos then the images go at the start of the last user message."""
 
     messages: list[dict]
     images: list = field(default_factory=list)
     open_thinking: bool = False
     tools: list | None = None
+    videos: list = field(default_factory=list)
 
 
 @dataclass
@@ -648,21 +651,33 @@ class Engine:
     def prompt_ids(self, request: ChatRequest) -> list[int]:
         """The request's generation prompt through the chat encoder (as training encodes it); ValueError when
         markers and images disagree, PromptTooLong over the limit."""
-        messages = request.messages
-        if request.images and count_markers(messages) == 0:
-            last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-            if last_user is None:
-                raise ValueError("images were given but the conversation has no user message")
-            messages = [dict(m) for m in messages]
-            messages[last_user]["content"] = (
-                IMAGE_MARKER * len(request.images) + "\n" + (messages[last_user].get("content") or "")
-            )
+        messages, images = self.visuals(request)
+        processor = getattr(self.model, "image_processor", None)
+        grids = [processor.grid(image) for image in images] if processor is not None else len(images)
         ids = self.encoder.encode(
-            messages, len(request.images), request.tools, generation_prompt=True, open_thinking=request.open_thinking
+            messages, grids, request.tools, generation_prompt=True, open_thinking=request.open_thinking
         ).ids.tolist()
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the limit of {self.max_prompt_tokens}")
         return ids
+
+    def visuals(self, request: ChatRequest) -> tuple[list[dict], list]:
+        """The request's messages and images, videos spliced in (`video.splice_videos`: each frame one
+        thumbnail-size image after its timestamp). Images or videos without any marker of their kind go at the
+        start of the last user message, videos first; ValueError when there is no user message or markers and
+        media disagree."""
+        messages = request.messages
+        missing = (VIDEO_MARKER * len(request.videos) if count_markers(messages, VIDEO_MARKER) == 0 else "") + (
+            IMAGE_MARKER * len(request.images) if count_markers(messages) == 0 else "")
+        if missing:
+            last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+            if last_user is None:
+                raise ValueError("images or videos were given but the conversation has no user message")
+            messages = [dict(m) for m in messages]
+            messages[last_user]["content"] = missing + "\n" + (messages[last_user].get("content") or "")
+        if not request.videos:
+            return messages, request.images
+        return splice_videos(messages, request.images, request.videos, frame_size=self.model.config.image_size)
 
     def _batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         longest = max(len(p) for p in prompts)
@@ -675,15 +690,14 @@ class Engine:
         return ids.to(self.device), mask.to(self.device) if padded else None
 
     def _pixels(self, requests: Sequence[ChatRequest]):
-        if not any(r.images for r in requests):
+        """Each request's squares (every image's thumbnail and tiles, video frames included) [N_r, 3, S, S], or
+        None without images."""
+        images = [self.visuals(r)[1] for r in requests]
+        if not any(images):
             return None
         processor = self.model.image_processor
-        return [
-            processor(r.images).to(self.device)
-            if r.images
-            else torch.empty(0, 3, processor.size, processor.size, device=self.device)
-            for r in requests
-        ]
+        empty = torch.empty(0, 3, processor.size, processor.size)
+        return [(processor(row) if row else empty).to(self.device) for row in images]
 
     def run(
         self,

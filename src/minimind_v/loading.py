@@ -13,6 +13,7 @@ from torch import nn
 from .config import VISION_PRESETS, MiniMindConfig, VLMConfig, vision_dims
 from .llm import MiniMindForCausalLM
 from .lora import adapters, load_adapter
+from .vision import ImagePreprocessor
 from .vlm import MiniMindVLM
 from .weights import DEFAULT_TOWER, load_native, tower_for_weights, unwrap, weight_path
 
@@ -111,12 +112,13 @@ def vlm_config(vision_model: str | None, hidden_size: int, num_hidden_layers: in
 def load_model(load_from: str | None = None, save_dir: str = "out", weight: str = "sft_vlm", hidden_size: int = 768,
                num_hidden_layers: int = 8, use_moe: bool = False, vision_model: str | None = None,
                tokenizer: str = "model", lora: str | None = None, device: str = "cpu",
-               dtype: torch.dtype = torch.float32, quantize: str = "none"):
+               dtype: torch.dtype = torch.float32, quantize: str = "none", max_tiles: int | None = None):
     """(model in eval mode on `device`, tokenizer): a transformers folder (`load_from`, with its own tokenizer
     when it has one) or native weights `{save_dir}/{weight}_{hidden}[_moe].pth` with a tower (`vision_model`,
     default: the tower trained with the weights, else DEFAULT_TOWER; `none`: text only, which also takes
     LLM-only weights). `lora` applies an adapter (PEFT folder or reference .pth) without merging it, unless
-    `quantize` (`quantize.METHODS`) makes the decoder layers int8: then the adapter is merged first."""
+    `quantize` (`quantize.METHODS`) makes the decoder layers int8: then the adapter is merged first. `max_tiles`
+    replaces the folder's setting (native weights: default 1)."""
     from .lora import merge_lora
     from .quantize import quantize_decoder
     from .tokenizer import load_tokenizer
@@ -128,11 +130,15 @@ def load_model(load_from: str | None = None, save_dir: str = "out", weight: str 
         if vision is None and not _has_tower(load_from) and os.path.isdir(DEFAULT_TOWER):
             vision = DEFAULT_TOWER
         model = load_pretrained_folder(load_from, vision_model=vision)
+        if max_tiles is not None and isinstance(model, MiniMindVLM):
+            model.config.max_tiles = max_tiles
+            model.image_processor = ImagePreprocessor.from_config(model.config)
     else:
         loaded_tokenizer = load_tokenizer(tokenizer)
         names = (save_dir, weight, hidden_size, bool(use_moe))
         vision = vision_model or tower_for_weights(*names)
-        config = vlm_config(vision, hidden_size, num_hidden_layers, use_moe, len(loaded_tokenizer))
+        config = vlm_config(vision, hidden_size, num_hidden_layers, use_moe, len(loaded_tokenizer),
+                            max_tiles=max_tiles or 1)
         tower_path, _ = resolve_vision(vision)
         model = build_model(config, weight_path(*names), vision_model=tower_path,
                             optional_prefixes=("vision_proj.",) if vision == "none" else ())

@@ -53,6 +53,23 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
                              "natively (AVX512-BF16, AMX), else float32 (default: %(default)s)")
 
 
+def add_vision_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """How images and videos become visual tokens: `--max_tiles` and `--video_frames`."""
+    parser.add_argument("--max_tiles", type=positive_int, default=None,
+                        help="largest grid of tiles an image is cut into, besides its thumbnail (1: one square, as "
+                             "the reference; default: the model's setting, else 1)")
+    parser.add_argument("--video_frames", type=positive_int, default=8,
+                        help="frames sampled uniformly from each video, each one thumbnail-size image "
+                             "(1: the middle frame; default: %(default)s)")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def quantize_method(value: str) -> str:
     """`--quantize`, refused before any model is loaded when its library is missing."""
     if value in METHODS[1:] and not backend_available():
@@ -61,8 +78,9 @@ def quantize_method(value: str) -> str:
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    """The `loading.load_model` keyword arguments of `add_model_arguments` flags."""
-    return {name: getattr(args, name) for name in MODEL_OPTIONS}
+    """The `loading.load_model` keyword arguments of `add_model_arguments` flags (and `--max_tiles` of
+    `add_vision_input_arguments`, for the commands that have it)."""
+    return {**{name: getattr(args, name) for name in MODEL_OPTIONS}, "max_tiles": getattr(args, "max_tiles", None)}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.7, top_p: float = 0.85,

@@ -2,7 +2,8 @@
 chat template that understands `{"type": "image"}` content parts).
 
 `processor.apply_chat_template(messages, add_generation_prompt=True)` renders each image part as an `<image>`
-marker; `processor(images=..., text=...)` expands every marker into `image_token_len` `<|image_pad|>` tokens and
+marker; `processor(images=..., text=...)` expands every marker into its image's placeholder (`image_token_len`
+`<|image_pad|>` tokens per square: one square, or with `max_tiles` > 1 a thumbnail and a grid of tiles) and
 returns input_ids, attention_mask and pixel_values, which `model.generate(**inputs)` accepts as they are.
 
 This module is copied into exported folders for `trust_remote_code`, so it imports only sibling model modules.
@@ -17,8 +18,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin, SiglipImageProcessorPil
 
-from .config import IMAGE_TOKEN, VLMConfig
-from .vision import ImagePreprocessor
+from .config import VLMConfig
+from .vision import ImagePreprocessor, image_placeholder
 
 IMAGE_MARKER = "<image>"  # the same marker as `tokenizer.IMAGE_MARKER`, which this module may not import
 
@@ -61,12 +62,14 @@ class MiniMindVProcessor(ProcessorMixin):
     for `image_processor`.
     """
 
-    def __init__(self, image_processor, tokenizer, chat_template: str | None = None, image_token_len: int = 64):
+    def __init__(self, image_processor, tokenizer, chat_template: str | None = None, image_token_len: int = 64,
+                 max_tiles: int = 1):
         self.image_token_len = image_token_len
+        self.max_tiles = max_tiles
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         size = image_processor.size
         self.preprocess = ImagePreprocessor(size["height"], image_processor.image_mean, image_processor.image_std,
-                                            int(image_processor.resample))
+                                            int(image_processor.resample), max_tiles)
 
     @classmethod
     def from_config(cls, config: VLMConfig, tokenizer) -> MiniMindVProcessor:
@@ -76,7 +79,8 @@ class MiniMindVProcessor(ProcessorMixin):
             image_mean=config.image_mean, image_std=config.image_std,
         )
         template = multimodal_chat_template(tokenizer.chat_template) if tokenizer.chat_template else None
-        return cls(image_processor, tokenizer, chat_template=template, image_token_len=config.image_token_len)
+        return cls(image_processor, tokenizer, chat_template=template, image_token_len=config.image_token_len,
+                   max_tiles=config.max_tiles)
 
     def __call__(self, images=None, text: str | Sequence[str] | None = None, **kwargs) -> BatchFeature:
         """text: one prompt or a batch, with one `<image>` marker per image; images: one image, a flat list (in
@@ -84,7 +88,7 @@ class MiniMindVProcessor(ProcessorMixin):
         arguments go to the tokenizer (padding is on the left, for generation).
 
         Returns input_ids and attention_mask [B, T] and, when there are images, pixel_values [B, N, 3, S, S]
-        (N images in every prompt), or a list of B tensors [N_b, 3, S, S] when the prompts hold different counts.
+        (N squares in every prompt), or a list of B tensors [N_b, 3, S, S] when the prompts hold different counts.
         """
         if text is None:
             raise ValueError(f"text is required: the prompt, with one {IMAGE_MARKER} marker per image")
@@ -93,13 +97,19 @@ class MiniMindVProcessor(ProcessorMixin):
         return_tensors = kwargs.pop("return_tensors", None)
         kwargs.setdefault("add_special_tokens", False)
         kwargs.setdefault("padding_side", "left")
-        expanded = [t.replace(IMAGE_MARKER, IMAGE_TOKEN * self.image_token_len) for t in texts]
+        expanded = [self._expand(t, row) for t, row in zip(texts, rows)]
         data = dict(self.tokenizer(expanded, **kwargs))
         if any(rows):
             pixels = [self.preprocess(row) for row in rows]
             same = len({p.shape[0] for p in pixels}) == 1
             data["pixel_values"] = torch.stack(pixels) if same else pixels
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["pixel_values"])
+
+    def _expand(self, text: str, images: list[Image.Image]) -> str:
+        """Each marker of `text` replaced by the placeholder of its image, in order."""
+        pieces = text.split(IMAGE_MARKER)
+        placeholders = [image_placeholder(self.preprocess.grid(image), self.image_token_len) for image in images]
+        return pieces[0] + "".join(p + piece for p, piece in zip(placeholders, pieces[1:]))
 
     def _image_rows(self, images, counts: list[int]) -> list[list[Image.Image]]:
         """Images grouped by prompt, checked against the markers of each prompt."""

@@ -4,7 +4,8 @@ labelled as the reference does (chats and pairs through the one `ChatEncoder`), 
 Row formats (reference schemas):
     text   `text`
     chat   `conversations` (JSON string or list of messages), `image_bytes` (binary, list of binary or
-           {"bytes": ...}) for VLM rows with `<image>` markers
+           {"bytes": ...}) for VLM rows with `<image>` markers, and `video_bytes` for rows with `<video>` markers
+           (one item per marker: an encoded video file, or a list of encoded frame images)
     pairs  `chosen` and `rejected` (each a conversation ending with the assistant's answer), `image_bytes`
     prompts  `conversations` ending with the user turn to answer (a final assistant message, such as the empty one
            of the reference `rlaif.jsonl`, is dropped), `image_bytes`, and `answer` (a string or a list of accepted
@@ -19,10 +20,13 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .chat_encoder import IGNORE, ChatEncoder, Encoded, EncodingError, count_markers
 from .evaluate import normalize_answer
-from .vision import load_image
+from .tokenizer import IMAGE_MARKER
+from .video import VIDEO_MARKER, VideoError, load_video, splice_videos
+from .vision import Grid, load_image
 from .vision_cache import CachedImages, FeatureReader
 
 # Larger images are refused before decoding: a small file can declare a huge image (a decompression bomb).
@@ -37,6 +41,12 @@ BAD_REASONS = {
     "image_mismatch": "the number of <image> markers differs from the number of images",
     "bad_image": "an image could not be decoded (not image bytes, corrupt, truncated, or over 8192x8192 pixels)",
     "image_truncated": "--max_seq_len would cut an image's placeholder tokens",
+    "video_mismatch": "the number of <video> markers differs from the number of videos",
+    "bad_video": "a video could not be decoded (not a video, corrupt, or a frame list with a bad frame)",
+    "no_frames": "a video holds no frame",
+    "video_too_long": "a video is longer than the limit",
+    "video_too_large": "a video frame is over 8192x8192 pixels",
+    "video_support_missing": "a video file needs PyAV to be decoded: pip install \"minimind-v[video]\"",
     "answer_truncated": "--max_seq_len leaves no supervised token",
     "prompt_mismatch": "a preference pair's chosen and rejected conversations differ before their last answer",
     "no_user_turn": "a prompt does not end with a user message",
@@ -103,7 +113,7 @@ def record_fields(kind: str, images: bool) -> tuple[str, ...]:
     """The columns a row of this kind is read from; the first one is required."""
     fields = {"text": ("text",), "chat": ("conversations",), "pairs": ("chosen", "rejected"),
               "prompts": ("conversations", "answer")}[kind]
-    return fields + ("image_bytes",) if images and kind != "text" else fields
+    return fields + ("image_bytes", "video_bytes") if images and kind != "text" else fields
 
 
 def decode_record(raw) -> dict:
@@ -140,6 +150,23 @@ def chat_images(record: dict, messages: list[dict]) -> list[bytes]:
     if markers != len(images):
         raise BadSample("image_mismatch")
     return images
+
+
+def chat_videos(record: dict, messages: list[dict]) -> list:
+    """The `video_bytes` items of a chat row, one per `<video>` marker. With one marker the cell is the video (an
+    encoded video, or a list of encoded frames); with several, a list of one such item per marker. BadSample
+    when markers and videos disagree."""
+    markers = count_markers(messages, VIDEO_MARKER)
+    if not markers:
+        return []
+    value = record.get("video_bytes")
+    if value is None:
+        raise BadSample("missing_field")
+    if markers == 1:
+        return [value]
+    if not isinstance(value, list) or len(value) != markers:
+        raise BadSample("video_mismatch")
+    return value
 
 
 def conversation(value, needs_assistant: bool = True) -> tuple[list[dict], list | None]:
@@ -213,7 +240,7 @@ class SampleBuilder:
 
     def __init__(self, kind: str, tokenizer, max_seq_len: int, image_token_len: int = 0, image_processor=None,
                  add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2, thinking_ratio: float = 0.0,
-                 needs_answer: bool = False, vision_cache: FeatureReader | None = None):
+                 needs_answer: bool = False, vision_cache: FeatureReader | None = None, video_frames: int = 8):
         if kind not in KINDS:
             raise ValueError(f"unknown sample kind {kind!r}; choose one of {KINDS}")
         self.kind, self.tokenizer, self.max_seq_len = kind, tokenizer, max_seq_len
@@ -221,6 +248,7 @@ class SampleBuilder:
         self.add_system_ratio, self.empty_think_ratio = add_system_ratio, empty_think_ratio
         self.thinking_ratio, self.needs_answer = thinking_ratio, needs_answer
         self.vision_cache = vision_cache
+        self.video_frames = video_frames
         self.encoder = ChatEncoder(tokenizer, image_token_len)
 
     def documents(self, record: dict, rng: random.Random) -> list[Sample] | list[Prompt]:
@@ -235,9 +263,10 @@ class SampleBuilder:
         if self.kind == "text":
             return self._text(record)
         messages, tools = conversation(record.get("conversations"))
-        images = chat_images(record, messages) if self.encoder.image_token_len else []
+        messages, images = self._visuals(record, messages)
         system, drop_think = self._augmentations(messages, tools, rng)
-        ids, labels = self._encode(system + messages, tools, len(images), drop_think)
+        images, grids = self._grids(images)
+        ids, labels = self._encode(system + messages, tools, grids, drop_think)
         return Sample(ids, labels, *self._images(images))
 
     def build_pair(self, record: dict, rng: random.Random) -> tuple[Sample, Sample]:
@@ -248,11 +277,14 @@ class SampleBuilder:
             raise BadSample("no_assistant_turn")
         if chosen[:-1] != rejected[:-1] or tools != rejected_tools:
             raise BadSample("prompt_mismatch")
-        images = chat_images(record, chosen[:-1]) if self.encoder.image_token_len else []
-        if count_markers(chosen[-1:]) or count_markers(rejected[-1:]):
+        if any(count_markers(answer, marker) for answer in (chosen[-1:], rejected[-1:])
+               for marker in (IMAGE_MARKER, VIDEO_MARKER)):
             raise BadSample("image_mismatch")  # an answer cannot show an image
+        prompt, images = self._visuals(record, chosen[:-1])
+        chosen, rejected = prompt + chosen[-1:], prompt + rejected[-1:]
         system, drop_think = self._augmentations(chosen, tools, rng)
-        encoded = [self._encode(system + messages, tools, len(images), drop_think) for messages in (chosen, rejected)]
+        images, grids = self._grids(images)
+        encoded = [self._encode(system + messages, tools, grids, drop_think) for messages in (chosen, rejected)]
         pixels, cached = self._images(images)
         return tuple(Sample(ids, labels, pixels, cached) for ids, labels in encoded)
 
@@ -271,11 +303,12 @@ class SampleBuilder:
         answers = accepted_answers(answer)
         if self.needs_answer and not answers:
             raise BadSample("no_answer")
-        images = chat_images(record, messages) if self.encoder.image_token_len else []
+        messages, images = self._visuals(record, messages)
         system, _ = self._augmentations(messages, tools, rng)
         open_thinking = rng.random() < self.thinking_ratio
         seed = rng.getrandbits(63)
-        encoded = self._checked_encode(system + messages, len(images), tools, generation_prompt=True,
+        images, grids = self._grids(images)
+        encoded = self._checked_encode(system + messages, grids, tools, generation_prompt=True,
                                        open_thinking=open_thinking)
         if len(encoded.ids) > self.max_seq_len:
             raise BadSample("prompt_too_long")
@@ -305,42 +338,93 @@ class SampleBuilder:
         labels[0] = IGNORE
         return Sample(ids, labels)
 
-    def _encode(self, messages: list[dict], tools, images: int, drop_think: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _visuals(self, record: dict, messages: list[dict]) -> tuple[list[dict], list]:
+        """(messages, images) of a VLM row with its videos spliced in: each `<video>` becomes its frames' text
+        and `<image>` markers, and its frames (PIL images, one square each) join the encoded images in order."""
+        if not self.encoder.image_token_len:
+            return messages, []
+        images, videos = chat_images(record, messages), chat_videos(record, messages)
+        if not videos:
+            return messages, images
+        try:
+            loaded = [load_video(video, self.video_frames, max_pixels=MAX_IMAGE_PIXELS) for video in videos]
+            return splice_videos(messages, images, loaded, frame_size=self.image_processor.size)
+        except VideoError as err:
+            raise BadSample(err.reason if err.reason in BAD_REASONS else "bad_video") from err
+
+    def _grids(self, images: list) -> tuple[list, int | list[Grid]]:
+        """(images, their tile grids). Without tiles every image is one square: the count stands for the grids
+        and images stay encoded (the vision cache keys them by their bytes). With tiles they are decoded here
+        once, as their size decides the grid."""
+        if not images or self.image_processor.max_tiles == 1:
+            return images, len(images)
+        decoded = [self._decode(image) for image in images]
+        return decoded, [self.image_processor.grid(image) for image in decoded]
+
+    def _encode(self, messages: list[dict], tools, images: int | list[Grid],
+                drop_think: bool) -> tuple[np.ndarray, np.ndarray]:
         """(ids, labels) cut to max_seq_len; BadSample when the cut splits an image or leaves nothing to learn."""
         encoded = self._checked_encode(messages, images, tools, drop_empty_think=drop_think)
         ids, labels = encoded.ids[: self.max_seq_len], encoded.labels[: self.max_seq_len]
         block = self.encoder.image_token_len
-        if block and np.count_nonzero(ids == self.encoder.image_id) != images * block:
+        if block and np.count_nonzero(ids == self.encoder.image_id) != encoded.squares * block:
             raise BadSample("image_truncated")
         if not np.any(labels != IGNORE):
             raise BadSample("answer_truncated")
         return ids, labels
 
-    def _checked_encode(self, messages: list[dict], images: int, tools, **options) -> Encoded:
+    def _checked_encode(self, messages: list[dict], images: int | list[Grid], tools, **options) -> Encoded:
         try:
             return self.encoder.encode(messages, images, tools, **options)
         except EncodingError as err:
             raise BadSample(err.reason) from err
 
-    def _images(self, images: list[bytes]) -> tuple[np.ndarray | None, CachedImages | None]:
-        """(pixels of the images the vision cache lacks, what it holds); without a cache, (all pixels, None).
-        Images it holds are not decoded: they decoded when their features were computed."""
+    def _images(self, images: list) -> tuple[np.ndarray | None, CachedImages | None]:
+        """(pixels of the squares the vision cache lacks, what it holds of every square); without a cache, (all
+        pixels, None). An image whose squares it all holds is not decoded again (without tiles: not at all)."""
         if self.vision_cache is None or not images:
             return self._pixels(images), None
-        if not all(isinstance(data, bytes) for data in images):
-            raise BadSample("bad_image")
-        cached = self.vision_cache.lookup(images)
-        return self._pixels([data for data, hit in zip(images, cached.hit) if not hit]), cached
+        keys = [self._square_keys(image) for image in images]
+        cached = self.vision_cache.lookup([key for image_keys in keys for key in image_keys])
+        hits = np.split(cached.hit, np.cumsum([len(image_keys) for image_keys in keys])[:-1])
+        lacking = [(image, ~hit) for image, hit in zip(images, hits) if not hit.all()]
+        if not lacking:
+            return None, cached
+        pixels = [self.image_processor.tiles(self._decode(image))[miss] for image, miss in lacking]
+        return np.concatenate(pixels), cached
 
-    def _pixels(self, images: list[bytes]) -> np.ndarray | None:
-        """Encoded images -> [N, 3, size, size] (None without images); BadSample when any cannot be decoded (as
-        `load_image` decides)."""
+    def _square_keys(self, image) -> list[bytes]:
+        """What the vision cache hashes for each square of an image: the image's own key for its thumbnail, then
+        that key with the tile's place in its grid."""
+        key = cache_key(image)
+        grid = self.image_processor.grid(image) if self.image_processor.max_tiles > 1 else (1, 1)
+        tiles = grid[0] * grid[1] if grid != (1, 1) else 0
+        return [key] + [key + f"\ntile {k} of {grid[0]}x{grid[1]}".encode() for k in range(tiles)]
+
+    def _pixels(self, images: list) -> np.ndarray | None:
+        """Encoded or decoded images -> their squares [N, 3, size, size] (None without images)."""
         if not images:
             return None
-        if not all(isinstance(data, bytes) for data in images):
+        return np.concatenate([self.image_processor.tiles(self._decode(image)) for image in images])
+
+    @staticmethod
+    def _decode(image) -> Image.Image:
+        """An encoded image (bytes) as RGB, or a decoded video frame as it is; BadSample when it cannot be
+        decoded (as `load_image` decides)."""
+        if isinstance(image, Image.Image):
+            return image
+        if not isinstance(image, bytes):
             raise BadSample("bad_image")
         try:
-            return np.stack([self.image_processor.pixels(load_image(io.BytesIO(data), MAX_IMAGE_PIXELS))
-                             for data in images])
+            return load_image(io.BytesIO(image), MAX_IMAGE_PIXELS)
         except ValueError as err:
             raise BadSample("bad_image") from err
+
+
+def cache_key(image) -> bytes:
+    """What the vision cache hashes for an image: its encoded bytes, or a decoded frame's size and pixels."""
+    if isinstance(image, Image.Image):
+        return f"frame {image.mode} {image.width}x{image.height}\n".encode() + image.tobytes()
+    if not isinstance(image, bytes):
+        raise BadSample("bad_image")
+    return image

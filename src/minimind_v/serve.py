@@ -1,10 +1,11 @@
-"""`minimind-v serve`: an OpenAI-compatible chat completions API with images (FastAPI + uvicorn).
+"""`minimind-v serve`: an OpenAI-compatible chat completions API with images and videos (FastAPI + uvicorn).
 
-Endpoints: `POST /v1/chat/completions` (OpenAI schema; images as `image_url` parts holding `data:` base64
-URLs), `GET /v1/models`, `GET /health`, and the OpenAPI schema of exactly what they accept at `/openapi.json`.
-One worker thread owns the model and decodes the requests together with continuous batching: a request joins the
-running batch at the next step and leaves it as soon as it ends or its client leaves. Every error gets an OpenAI
-error body: 400 for a bad request, 401 for a wrong or missing key (with `--api_key`), 413 for a body over the
+Endpoints: `POST /v1/chat/completions` (OpenAI schema; images as `image_url` parts and videos as `video_url`
+parts, holding `data:` base64 URLs or, with `--local_image_root`, local paths), `GET /v1/models`, `GET /health`,
+and the OpenAPI schema of exactly what they accept at `/openapi.json`. One worker thread owns the model and
+decodes the requests together with continuous batching: a request joins the running batch at the next step and
+leaves it as soon as it ends or its client leaves. Every error gets an OpenAI error body: 400 for a bad request
+(over a limit: a code naming it), 401 for a wrong or missing key (with `--api_key`), 413 for a body over the
 limit, 429 when the queue is full, 504 past `--request_timeout`.
 """
 
@@ -32,8 +33,9 @@ from PIL import Image
 
 from .chat import load_engine_or_exit
 from .generate import ChatRequest, Completion, Engine, GenerationConfig, PromptTooLong, RunningBatch, StreamEvent
-from .options import add_dtype_argument, add_model_arguments
+from .options import add_dtype_argument, add_model_arguments, add_vision_input_arguments
 from .tokenizer import IMAGE_MARKER
+from .video import VIDEO_MARKER, Video, VideoError, load_video
 from .vision import to_rgb
 from .weights import run_name
 
@@ -63,6 +65,7 @@ try:
         ImagePart,
         ModelList,
         TextPart,
+        VideoPart,
     )
 except ImportError as missing:
     raise SystemExit(
@@ -73,6 +76,9 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.92  # the reference server's defaults
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # the formats OpenAI accepts; PIL tries no other decoder on them
 BEARER = HTTPBearer(auto_error=False)  # `Authorization: Bearer KEY`, checked by `Api.authorize`
+MEDIA = {"image": ("an image", "data:image/jpeg;base64,..."), "video": ("a video", "data:video/mp4;base64,...")}
+VIDEO_ERROR_CODES = {"video_too_long": "video_too_long", "video_too_large": "video_too_large",
+                     "video_support_missing": "video_unsupported"}  # VideoError.reason -> code; others: invalid_video
 
 
 class ApiError(Exception):
@@ -98,7 +104,8 @@ class ApiError(Exception):
 
 @dataclass
 class Limits:
-    """What one request may ask for, and how long it may take."""
+    """What one request may ask for, and how long it may take. `max_image_pixels` also bounds each video frame;
+    a video's frames each count `image_token_len` visual tokens (one thumbnail-size tile), an image its tiles'."""
 
     max_images: int = 8
     max_image_bytes: int = 10 * 2**20
@@ -110,6 +117,11 @@ class Limits:
     max_queue: int = 256
     request_timeout: float = 600.0
     send_timeout: float = 30.0
+    max_videos: int = 2
+    max_video_bytes: int = 16 * 2**20
+    max_video_seconds: float = 120.0
+    video_frames: int = 8
+    max_visual_tokens: int = 4096
 
     def __post_init__(self):
         if self.max_body_bytes is None:
@@ -173,55 +185,73 @@ def read_image(source: str | BinaryIO, limits: Limits, param: str) -> Image.Imag
         raise ApiError(f"the image could not be read: {type(err).__name__}: {err}", param, "invalid_image") from err
 
 
-def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
-    """An `image_url` -> RGB PIL image: `data:` base64 URLs, or local files under `--local_image_root`."""
+def media_source(url: str, max_bytes: int, limits: Limits, kind: str, param: str) -> bytes | str:
+    """An `image_url` / `video_url` (`kind`: image or video) -> the bytes of its `data:` base64 URL, or the path of
+    a local file under `--local_image_root`; the size is checked before anything is decoded."""
+    noun, example = MEDIA[kind]
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
-            raise ApiError("image data URLs must be base64: data:image/png;base64,<data>", param, "invalid_image_url")
-        if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise ApiError(
-                f"an image is larger than the limit of {limits.max_image_bytes} bytes", param, "image_too_large"
-            )
+            raise ApiError(f"{kind} data URLs must be base64: {example.replace('...', '<data>')}", param,
+                           f"invalid_{kind}_url")
+        if len(payload) * 3 // 4 > max_bytes:
+            raise ApiError(f"{noun} is larger than the limit of {max_bytes} bytes", param, f"{kind}_too_large")
         try:
-            data = base64.b64decode(payload, validate=True)
+            return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as err:
-            raise ApiError(f"the image data URL is not valid base64: {err}", param, "invalid_image_url") from err
-        return read_image(io.BytesIO(data), limits, param)
+            raise ApiError(f"the {kind} data URL is not valid base64: {err}", param, f"invalid_{kind}_url") from err
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
         raise ApiError(
-            "remote image URLs are not fetched by this server; send the image inline as a data URL "
-            "(data:image/jpeg;base64,...)",
+            f"remote {kind} URLs are not fetched by this server; send the {kind} inline as a data URL ({example})",
             param,
-            "unsupported_image_url",
+            f"unsupported_{kind}_url",
         )
-    return read_image(local_image_path(url.removeprefix("file://"), limits, param), limits, param)
+    return local_path(url.removeprefix("file://"), max_bytes, limits, kind, param)
 
 
-def local_image_path(path: str, limits: Limits, param: str) -> str:
+def local_path(path: str, max_bytes: int, limits: Limits, kind: str, param: str) -> str:
     if limits.local_image_root is None:
         raise ApiError(
             "local file paths are refused; start the server with --local_image_root DIR to allow "
-            "files under DIR, or send the image as a data URL",
+            f"files under DIR, or send the {kind} as a data URL",
             param,
-            "unsupported_image_url",
+            f"unsupported_{kind}_url",
         )
     root = os.path.realpath(limits.local_image_root)
     try:
         full = os.path.realpath(os.path.join(root, path))
     except ValueError as err:  # a NUL byte in the path
-        raise ApiError(f"not a file path: {err}", param, "invalid_image") from err
+        raise ApiError(f"not a file path: {err}", param, f"invalid_{kind}") from err
     if os.path.commonpath([root, full]) != root:
-        raise ApiError(f"{path!r} is outside --local_image_root", param, "unsupported_image_url")
+        raise ApiError(f"{path!r} is outside --local_image_root", param, f"unsupported_{kind}_url")
     if not os.path.isfile(full):
-        raise ApiError(f"no image file at {path!r}", param, "invalid_image")
-    if os.path.getsize(full) > limits.max_image_bytes:
-        raise ApiError(f"an image is larger than the limit of {limits.max_image_bytes} bytes", param, "image_too_large")
+        raise ApiError(f"no {kind} file at {path!r}", param, f"invalid_{kind}")
+    if os.path.getsize(full) > max_bytes:
+        raise ApiError(f"{MEDIA[kind][0]} is larger than the limit of {max_bytes} bytes", param, f"{kind}_too_large")
     return full
 
 
-def message_text(content: str | list[TextPart | ImagePart] | None, param: str, limits: Limits, images: list) -> str:
-    """A validated message content as text; its images are read into `images` and replaced by `<image>` markers."""
+def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
+    """An `image_url` -> RGB PIL image: `data:` base64 URLs, or local files under `--local_image_root`."""
+    source = media_source(url, limits.max_image_bytes, limits, "image", param)
+    return read_image(io.BytesIO(source) if isinstance(source, bytes) else source, limits, param)
+
+
+def decode_video_url(url: str, limits: Limits, param: str) -> Video:
+    """A `video_url` -> `--video_frames` frames sampled uniformly: `data:` base64 URLs of mp4/mov, webm/mkv, avi or
+    gif files, or such files under `--local_image_root`."""
+    source = media_source(url, limits.max_video_bytes, limits, "video", param)
+    try:
+        return load_video(source, limits.video_frames, limits.max_video_seconds, limits.max_image_pixels)
+    except VideoError as err:
+        code = VIDEO_ERROR_CODES.get(err.reason, "invalid_video")
+        raise ApiError(f"the video cannot be used: {err}", param, code) from err
+
+
+def message_text(content: str | list[TextPart | ImagePart | VideoPart] | None, param: str, limits: Limits,
+                 images: list, videos: list) -> str:
+    """A validated message content as text; its images and videos are read into `images` and `videos` and replaced
+    by `<image>` and `<video>` markers."""
     pieces = []
     for i, part in enumerate(content if isinstance(content, list) else [content or ""]):
         where = f"{param}[{i}]" if isinstance(content, list) else param
@@ -231,34 +261,41 @@ def message_text(content: str | list[TextPart | ImagePart] | None, param: str, l
             images.append(decode_image_url(part.image_url.url, limits, f"{where}.image_url.url"))
             pieces.append(IMAGE_MARKER)
             continue
+        if isinstance(part, VideoPart):
+            if len(videos) >= limits.max_videos:
+                raise ApiError(f"more than {limits.max_videos} videos in one request", where, "too_many_videos")
+            videos.append(decode_video_url(part.video_url.url, limits, f"{where}.video_url.url"))
+            pieces.append(VIDEO_MARKER)
+            continue
         text = part if isinstance(part, str) else part.text
-        if IMAGE_MARKER in text:
-            raise ApiError(f"text may not contain {IMAGE_MARKER}; send images as image_url parts", where)
+        for marker, kind in ((IMAGE_MARKER, "image"), (VIDEO_MARKER, "video")):
+            if marker in text:
+                raise ApiError(f"text may not contain {marker}; send {kind}s as {kind}_url parts", where)
         pieces.append(text)
     return "".join(pieces)
 
 
-def parse_messages(messages: Any, limits: Limits) -> tuple[list[dict], list]:
-    """OpenAI messages (decoded JSON, or already validated) -> (chat-template messages with `<image>` markers,
-    images in order), or ApiError."""
+def parse_messages(messages: Any, limits: Limits) -> tuple[list[dict], list, list]:
+    """OpenAI messages (decoded JSON, or already validated) -> (chat-template messages with `<image>` and
+    `<video>` markers, images in order, videos in order), or ApiError."""
     try:
         messages = MESSAGES.validate_python(messages)
     except ValidationError as err:
         raise invalid([e | {"loc": ("messages", *e["loc"])} for e in err.errors()], {"messages": messages}) from err
     if len(messages) > limits.max_messages:
         raise ApiError(f"more than {limits.max_messages} messages in one request", "messages", "too_many_messages")
-    parsed, images = [], []
+    parsed, images, videos = [], [], []
     for i, message in enumerate(messages):
         entry = {
             "role": "system" if message.role == "developer" else message.role,
-            "content": message_text(message.content, f"messages[{i}].content", limits, images),
+            "content": message_text(message.content, f"messages[{i}].content", limits, images, videos),
         }
         if isinstance(message, AssistantMessage) and message.reasoning_content:
             entry["reasoning_content"] = message.reasoning_content
         if isinstance(message, AssistantMessage) and message.tool_calls:
             entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
         parsed.append(entry)
-    return parsed, images
+    return parsed, images, videos
 
 
 def parse_body(body: ChatCompletionBody, limits: Limits) -> Parsed:
@@ -271,7 +308,7 @@ def parse_body(body: ChatCompletionBody, limits: Limits) -> Parsed:
             "max_tokens",
             "invalid_value",
         )
-    messages, images = parse_messages(body.messages, limits)
+    messages, images, videos = parse_messages(body.messages, limits)
     options = body.chat_template_kwargs or {}
     thinking = bool(body.open_thinking or options.get("open_thinking") or options.get("enable_thinking"))
     config = GenerationConfig(
@@ -285,7 +322,17 @@ def parse_body(body: ChatCompletionBody, limits: Limits) -> Parsed:
     )
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return Parsed(ChatRequest(messages, images, thinking, tools), config, body.stream, include_usage)
+    return Parsed(ChatRequest(messages, images, thinking, tools, videos=videos), config, body.stream, include_usage)
+
+
+def visual_tokens(model, request: ChatRequest) -> int:
+    """Visual tokens of a request's images and videos, row separators aside: `image_token_len` per tile (an
+    image's tiles and thumbnail, `ImagePreprocessor.num_tiles`; one per video frame)."""
+    processor = getattr(model, "image_processor", None)
+    if processor is None:  # a text model, whose chat encoder refuses images
+        return 0
+    tiles = sum(processor.num_tiles(image) for image in request.images)
+    return (tiles + sum(len(video.frames) for video in request.videos)) * model.config.image_token_len
 
 
 def split_tool_calls(text: str) -> tuple[str, list[dict]]:
@@ -607,6 +654,15 @@ class Api:
         """Images read and prompt tokenised here, in the request's thread, so that a heavy request delays only
         itself and the worker thread only decodes."""
         parsed = parse_body(body, self.limits)
+        if parsed.request.images or parsed.request.videos:
+            tokens = visual_tokens(self.worker.engine.model, parsed.request)
+            if tokens > self.limits.max_visual_tokens:
+                raise ApiError(
+                    f"the images and videos make {tokens} visual tokens, more than the limit of "
+                    f"{self.limits.max_visual_tokens}",
+                    "messages",
+                    "too_many_visual_tokens",
+                )
         try:
             prompt = self.worker.engine.prompt_ids(parsed.request)
         except PromptTooLong as err:
@@ -698,6 +754,7 @@ class Api:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, weight="sft_vlm")
     add_dtype_argument(parser)
+    add_vision_input_arguments(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)"
     )
@@ -739,6 +796,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4096 * 4096,
         help="largest image, in pixels, read from its header before decoding (default: %(default)s)",
     )
+    parser.add_argument("--max_videos", type=int, default=2, help="most videos in one request (default: %(default)s)")
+    parser.add_argument(
+        "--max_video_bytes",
+        type=int,
+        default=16 * 2**20,
+        help="largest video file, in bytes; its frames are bounded by --max_image_pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_video_seconds",
+        type=float,
+        default=120.0,
+        help="longest video, in seconds, from its header before decoding (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_visual_tokens",
+        type=int,
+        default=4096,
+        help="most visual tokens of one request: image_token_len per image tile (and thumbnail) and per video "
+        "frame (default: %(default)s)",
+    )
     parser.add_argument(
         "--max_body_bytes",
         type=int,
@@ -774,7 +851,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--local_image_root",
         default=None,
-        help="also accept image URLs that are paths of files under this folder (default: none)",
+        help="also accept image and video URLs that are paths of files under this folder (default: none)",
     )
 
 
@@ -797,6 +874,11 @@ def main(args) -> None:
         args.max_queue,
         args.request_timeout,
         args.send_timeout,
+        max_videos=args.max_videos,
+        max_video_bytes=args.max_video_bytes,
+        max_video_seconds=args.max_video_seconds,
+        video_frames=args.video_frames,
+        max_visual_tokens=args.max_visual_tokens,
     )
     api = Api(
         engine, args.model_name or default_model_name(args), limits, args.api_key, args.max_batch, args.cors_origins

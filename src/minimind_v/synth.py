@@ -25,6 +25,7 @@ import io
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -77,6 +78,26 @@ FILE_NAMES = {file: file + (".jsonl" if file.startswith("llm_") else ".parquet")
 HELD_OUT_FILES = ("vlm_test", "vlm_dpo_test")
 PREFERENCE_PARQUETS = ("vlm_dpo", "vlm_dpo_test")
 INFO_FILE = "synth_info.json"
+# `--task`: shapes (the scenes above) or a task that needs one of the model's input features: small shapes in
+# large images (tiles), two images per question (several images), a moving scene (video). Those write TASK_FILES.
+TASKS = ("shapes", "details", "multi", "video")
+TASK_FILES = ("vlm_pretrain", "vlm_sft", "vlm_test")
+TASK_QUESTION_TYPES = {
+    "shapes": QUESTION_TYPES,
+    "details": ("shape", "count", "presence", "colour"),
+    "multi": ("more", "colour", "both"),
+    "video": ("motion", "turn", "appear"),
+}
+DETAIL_SCALE = (4, 3)  # default details canvas in multiples of image_size: 256x192 for the demo's 64
+# Radius of a details shape in image_size units before its kind's EQUAL_AREA factor: read as one image_size square
+# (x/4, y/3) a shape spans ~2 pixels and its kind is near chance; in 2x2 tiles (x/2, y/2/3) it is read (tests).
+DETAIL_RADIUS = 0.045
+VIDEO_RADIUS = (0.08, 0.1)  # video shapes, in image_size units
+VIDEO_TRAVEL = 0.2  # the moving shape goes this many image_sizes either side of its mid-video place
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+MOTION_ZH = {"left": "向左", "right": "向右", "up": "向上", "down": "向下"}
+ORDINALS = {"en": ("first", "second"), "zh": ("第一张", "第二张")}
+COUNT_WORDS = {"en": ("zero",) + EN_NUMBERS, "zh": ("零个",) + ZH_NUMBERS}
 
 
 @dataclass(frozen=True)
@@ -116,14 +137,23 @@ class SynthConfig:
     kinds: tuple[str, ...] = KINDS
     colours: tuple[str, ...] = tuple(COLOURS)
     max_shapes: int = MAX_SHAPES
-    asked_types: tuple[str, ...] = QUESTION_TYPES  # the question types the files ask
+    asked_types: tuple[str, ...] = ()  # the question types the files ask; empty: all of the task's
     think: bool = False
+    task: str = "shapes"  # one of TASKS
+    width: int = 0  # details: the canvas; 0 = DETAIL_SCALE times image_size
+    height: int = 0
+    images_shown: str = "all"  # multi: all (both images) or first (the first image and its marker only)
+    frames: int = 8  # video: frames per video
+
+    def canvas(self) -> tuple[int, int]:
+        """(width, height) of a details image."""
+        return (self.width or DETAIL_SCALE[0] * self.image_size, self.height or DETAIL_SCALE[1] * self.image_size)
 
     def question_types(self, shapes: int | None = None) -> tuple[str, ...]:
         """The asked types that fit scenes of `shapes` shapes (default: of this config's scenes): relations
         need two."""
         many = (self.max_shapes if shapes is None else shapes) > 1
-        return tuple(t for t in self.asked_types if many or t != "relation")
+        return tuple(t for t in self.asked_types or TASK_QUESTION_TYPES[self.task] if many or t != "relation")
 
 
 def read_config(folder: str) -> SynthConfig:
@@ -183,25 +213,27 @@ def _outline(shape: Shape, scale: float) -> list[tuple[float, float]]:
             (x + w, y + r), (x - w, y + r), (x - w, y + w), (x - r, y + w), (x - r, y - w), (x - w, y - w)]
 
 
-def _background(rng: np.random.Generator, size: int, texture: float) -> np.ndarray:
-    """A light background [size, size, 3] float32: tinted grey, sometimes stripes, a checker or a gradient."""
+def _background(rng: np.random.Generator, width: int, height: int, texture: float) -> np.ndarray:
+    """A light background [height, width, 3] float32: tinted grey, sometimes stripes, a checker or a gradient."""
     base = rng.uniform(200, 240) + rng.uniform(-8, 8, size=3)
-    image = np.broadcast_to(base, (size, size, 3)).astype(np.float32)
+    image = np.broadcast_to(base, (height, width, 3)).astype(np.float32)
     if rng.random() >= texture:
         return image
     pattern = int(rng.integers(3))
-    coords = np.arange(size, dtype=np.float32)
+    ys, xs = np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32)
     amplitude = rng.uniform(6, 16)
     if pattern == 0:
-        period = rng.uniform(4, 10)
-        wave = np.sin(2 * np.pi * coords / period + rng.uniform(0, 2 * np.pi))
-        wave = wave[:, None] if rng.random() < 0.5 else wave[None, :]
+        period, phase = rng.uniform(4, 10), rng.uniform(0, 2 * np.pi)
+        if rng.random() < 0.5:
+            wave = np.sin(2 * np.pi * ys / period + phase)[:, None]
+        else:
+            wave = np.sin(2 * np.pi * xs / period + phase)[None, :]
     elif pattern == 1:
         cell = int(rng.integers(4, 12))
-        wave = ((coords[:, None] // cell + coords[None, :] // cell) % 2) * 2 - 1
+        wave = ((ys[:, None] // cell + xs[None, :] // cell) % 2) * 2 - 1
     else:
-        wave = (coords[:, None] + coords[None, :]) / size - 1
-    return image + amplitude * np.broadcast_to(wave, (size, size))[..., None]
+        wave = (ys[:, None] + xs[None, :]) / ((width + height) / 2) - 1
+    return image + amplitude * np.broadcast_to(wave, (height, width))[..., None]
 
 
 @functools.lru_cache(maxsize=4)
@@ -211,14 +243,33 @@ def _noise_bank(size: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((2 * size, 2 * size, 3), dtype=np.float32)
 
 
-def render(shapes: Iterable[Shape], rng: np.random.Generator, config: SynthConfig) -> Image.Image:
-    """Draw a scene: background, anti-aliased shapes with jittered colours, then Gaussian noise."""
-    size = config.image_size
-    big = size * SUPERSAMPLE
-    canvas, mask = Image.new("RGB", (big, big)), Image.new("L", (big, big))
+def _jitter(rng: np.random.Generator, colour: str) -> tuple[int, ...]:
+    """A colour's RGB moved by up to 15 per channel."""
+    return tuple(np.clip(np.add(COLOURS[colour], rng.integers(-15, 16, size=3)), 0, 255).tolist())
+
+
+def render(shapes: Iterable[Shape], rng: np.random.Generator, config: SynthConfig,
+           size: tuple[int, int] | None = None) -> Image.Image:
+    """Draw a scene on a width x height canvas (default: image_size square): background, anti-aliased shapes
+    with jittered colours, then Gaussian noise."""
+    width, height = size or (config.image_size, config.image_size)
+    shapes = tuple(shapes)
+    colours = [_jitter(rng, shape.colour) for shape in shapes]
+    background = _background(rng, width, height, config.texture)
+    sigma = rng.uniform(0, config.noise)
+    offset = rng.integers(max(width, height) + 1, size=2) if sigma > 0 else (0, 0)
+    return _compose(shapes, colours, background, sigma, offset)
+
+
+def _compose(shapes: tuple[Shape, ...], colours: list[tuple[int, ...]], background: np.ndarray, sigma: float,
+             offset) -> Image.Image:
+    """Shapes in their RGB `colours` over `background` [H, W, 3], plus the noise bank's crop at `offset` (dx, dy)
+    times `sigma`."""
+    height, width = background.shape[:2]
+    canvas = Image.new("RGB", (width * SUPERSAMPLE, height * SUPERSAMPLE))
+    mask = Image.new("L", canvas.size)
     draw, draw_mask = ImageDraw.Draw(canvas), ImageDraw.Draw(mask)
-    for shape in shapes:
-        colour = tuple(np.clip(np.add(COLOURS[shape.colour], rng.integers(-15, 16, size=3)), 0, 255).tolist())
+    for shape, colour in zip(shapes, colours):
         if shape.kind == "circle":
             x, y, r = shape.x * SUPERSAMPLE, shape.y * SUPERSAMPLE, shape.radius * SUPERSAMPLE
             draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
@@ -230,11 +281,10 @@ def render(shapes: Iterable[Shape], rng: np.random.Generator, config: SynthConfi
     # Box-averaging the black canvas gives colour x coverage; the mask gives the coverage itself.
     shapes_rgb = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32)
     coverage = np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float32)[..., None] / 255
-    pixels = shapes_rgb + (1 - coverage) * _background(rng, size, config.texture)
-    sigma = rng.uniform(0, config.noise)
+    pixels = shapes_rgb + (1 - coverage) * background
     if sigma > 0:
-        dx, dy = rng.integers(size + 1, size=2)
-        pixels += sigma * _noise_bank(size)[dy:dy + size, dx:dx + size]
+        dx, dy = offset
+        pixels += sigma * _noise_bank(max(width, height))[dy:dy + height, dx:dx + width]
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
@@ -285,12 +335,12 @@ def ask(rng: np.random.Generator, shapes: tuple[Shape, ...], question_type: str,
     raise ValueError(f"unknown question type {question_type!r}; choose from {QUESTION_TYPES}")
 
 
-def _ask_presence(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str,
-                  config: SynthConfig) -> tuple[str, str]:
-    """Asks "Is there a circle / a red shape?". The answer is drawn first (50/50), then a word with that answer, so
-    the question text carries no hint of the answer."""
+def _ask_presence(rng: np.random.Generator, shapes: tuple[Shape, ...], lang: str, config: SynthConfig,
+                  by_kind: bool | None = None) -> tuple[str, str]:
+    """Asks "Is there a circle / a red shape?" (by kind or colour at random unless `by_kind` says). The answer is
+    drawn first (50/50), then a word with that answer, so the question text carries no hint of the answer."""
     yes = bool(rng.random() < 0.5)
-    by_kind = rng.random() < 0.5
+    by_kind = rng.random() < 0.5 if by_kind is None else by_kind
     present = {s.kind if by_kind else s.colour for s in shapes}
     word = say(_pick(rng, [w for w in (config.kinds if by_kind else config.colours) if (w in present) == yes]), lang)
     answer = YES_NO[lang][0 if yes else 1]
@@ -369,7 +419,9 @@ def draw_question_types(rng: np.random.Generator, config: SynthConfig, turns: in
 
 
 def _row_rng(config: SynthConfig, file: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([config.seed, FILES.index(file), index])
+    """A row's own stream; the shapes task keeps the seeding it had before there were tasks."""
+    key = [config.seed, FILES.index(file), index] + ([TASKS.index(config.task)] if config.task != "shapes" else [])
+    return np.random.default_rng(key)
 
 
 def _scene(rng: np.random.Generator, config: SynthConfig, held_out: bool,
@@ -491,9 +543,388 @@ def text_record(config: SynthConfig, file: str, index: int) -> dict:
     return {"conversations": messages}
 
 
-def parquet_schema(file: str) -> pa.Schema:
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+def _area(kind: str) -> float:
+    """Area of a shape of radius 1."""
+    if kind == "circle":
+        return float(np.pi)
+    x, y = np.array(_outline(Shape(kind, "", 0, 0.0, 0.0, 1.0), 1)).T
+    return float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2)
+
+
+EQUAL_AREA = {kind: float(np.sqrt(np.pi / _area(kind))) for kind in KINDS}  # radius factors: every kind covers a
+# circle's area, so the size of a blurred blob does not tell its kind
+
+
+def _plural(kind: str) -> str:
+    return kind + ("es" if kind.endswith("ss") else "s")
+
+
+def _held_out_layout(rng: np.random.Generator, held_out: bool, draw: Callable) -> list:
+    """`draw(rng)` -> a layout (cell or role, kind, colour) triples, redrawn until it falls in the split."""
+    while True:
+        layout = draw(rng)
+        if is_held_out(layout_key(layout)) == held_out:
+            return layout
+
+
+def detail_shapes(rng: np.random.Generator, held_out: bool, config: SynthConfig) -> tuple[Shape, ...]:
+    """1..max_shapes small shapes, one per quadrant of the details canvas, anywhere in it. `repeated` of them
+    (uniform from 1) share a kind, the others have distinct other kinds, so "how many triangles" has answers from
+    zero to max_shapes; colours are distinct. Every kind covers the same area (EQUAL_AREA)."""
+    def draw(rng: np.random.Generator) -> list:
+        repeated = int(rng.integers(1, config.max_shapes + 1))
+        count = int(rng.integers(repeated, config.max_shapes + 1))
+        kinds = rng.permutation(len(config.kinds))
+        chosen = [kinds[0]] * repeated + list(kinds[1:1 + count - repeated])
+        cells, colours = rng.permutation(MAX_SHAPES)[:count], rng.permutation(len(config.colours))[:count]
+        return [(int(c), config.kinds[k], config.colours[o]) for c, k, o in zip(cells, chosen, colours)]
+
+    width, height = config.canvas()
+    shapes = []
+    for cell, kind, colour in sorted(_held_out_layout(rng, held_out, draw)):
+        radius = DETAIL_RADIUS * config.image_size * rng.uniform(0.85, 1.0) * EQUAL_AREA[kind]
+        left, top = (cell % 2) * width / 2, (cell // 2) * height / 2
+        x = rng.uniform(left + radius + 1, left + width / 2 - radius - 1)
+        y = rng.uniform(top + radius + 1, top + height / 2 - radius - 1)
+        shapes.append(Shape(kind, colour, cell, float(x), float(y), float(radius)))
+    return tuple(shapes)
+
+
+def ask_detail(rng: np.random.Generator, shapes: tuple[Shape, ...], question_type: str, lang: str,
+               config: SynthConfig) -> tuple[str, str]:
+    """Questions whose answer is a kind ("What shape is at the top left?", "How many triangles are there?", "Is
+    there a star?"), and colour by position, which the whole image read as one square still shows. A count asks
+    about an absent kind one time in max_shapes + 1, else about the most frequent kind: answers are uniform."""
+    if question_type == "presence":
+        return _ask_presence(rng, shapes, lang, config, by_kind=True)
+    if question_type != "count":
+        return ask(rng, shapes, question_type, lang, config)
+    counts = Counter(s.kind for s in shapes)
+    if rng.random() < 1 / (config.max_shapes + 1):
+        kind, count = _pick(rng, [k for k in config.kinds if k not in counts]), 0
+    else:
+        most = max(counts.values())
+        kind, count = _pick(rng, sorted(k for k, n in counts.items() if n == most)), most
+    if lang == "zh":
+        return f"图中有几个{ZH[kind]}？", COUNT_WORDS["zh"][count]
+    return f"How many {_plural(kind)} are there?", COUNT_WORDS["en"][count]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The two scenes of a multi row and the kind its "both" question asks about (None when not asked)."""
+
+    scenes: tuple[tuple[Shape, ...], tuple[Shape, ...]]
+    kind: str | None
+
+
+def _shapes_with(rng: np.random.Generator, count: int | None, held_out: bool, config: SynthConfig, kind: str | None,
+                 has: bool | None) -> tuple[Shape, ...]:
+    """`sample_shapes`, redrawn until `kind` is in the scene (has) or not (not has); None: anything. A count of
+    None is redrawn with the scene (uniform from 1 to max_shapes before the condition): a fixed small count may
+    have no held-out layout with the kind."""
+    while True:
+        shapes = sample_shapes(rng, count or int(rng.integers(1, config.max_shapes + 1)), held_out, config)
+        if has is None or any(s.kind == kind for s in shapes) == has:
+            return shapes
+
+
+def multi_pair(rng: np.random.Generator, held_out: bool, config: SynthConfig, question_types: list[str]) -> Pair:
+    """Two shapes scenes, each of a held-out (test) or training layout. With a "more" question the first has
+    2..max_shapes-1 shapes and the second one more or one fewer (50/50): the first image alone leaves the answer
+    at chance. With a "both" question: both have the kind (1/2), only the first (3/8), only the second (1/8), so
+    the first image alone answers at most 5/8 of them."""
+    counts: tuple[int | None, int | None] = (None, None)
+    if "more" in question_types:
+        first = int(rng.integers(2, config.max_shapes))
+        counts = (first, first + (1 if rng.random() < 0.5 else -1))
+    kind, has = None, (None, None)
+    if "both" in question_types:
+        kind, draw = _pick(rng, config.kinds), rng.random()
+        has = (True, True) if draw < 0.5 else (True, False) if draw < 0.875 else (False, True)
+    return Pair(tuple(_shapes_with(rng, c, held_out, config, kind, h) for c, h in zip(counts, has)), kind)
+
+
+def ask_multi(rng: np.random.Generator, pair: Pair, question_type: str, lang: str,
+              config: SynthConfig) -> tuple[str, str]:
+    """"Which image has more shapes?" (first / second), "What colour is the shape at the top left of the second
+    image?" (either image, 50/50), "Do both images have a circle?" (yes / no)."""
+    zh, ordinals = lang == "zh", ORDINALS[lang]
+    if question_type == "more":
+        first, second = (len(s) for s in pair.scenes)
+        return ("哪张图片里的形状更多？" if zh else "Which image has more shapes?"), ordinals[int(second > first)]
+    if question_type == "colour":
+        image = int(rng.integers(2))
+        shape = _pick(rng, pair.scenes[image])
+        position, colour = say(POSITIONS[shape.cell], lang), say(shape.colour, lang)
+        if zh:
+            return f"{ordinals[image]}图片{position}的形状是什么颜色？", colour
+        return f"What colour is the shape at the {position} of the {ordinals[image]} image?", colour
+    if question_type == "both":
+        both = all(any(s.kind == pair.kind for s in scene) for scene in pair.scenes)
+        word = say(pair.kind, lang)
+        question = f"两张图片里都有{word}吗？" if zh else f"Do both images have {_article(word)} {word}?"
+        return question, YES_NO[lang][0 if both else 1]
+    raise ValueError(f"unknown multi question type {question_type!r}; choose from {TASK_QUESTION_TYPES['multi']}")
+
+
+def multi_markers(lang: str, config: SynthConfig) -> str:
+    """The text before a multi row's first question: one marker per shown image, each after its name."""
+    shown = 1 if config.images_shown == "first" else 2
+    return "".join(f"图片{k + 1}：<image>\n" if lang == "zh" else f"Image {k + 1}: <image>\n" for k in range(shown))
+
+
+def multi_caption(pair: Pair, lang: str, config: SynthConfig) -> str:
+    shown = pair.scenes[:1] if config.images_shown == "first" else pair.scenes
+    name = "图片{}：" if lang == "zh" else "Image {}: "
+    return "\n".join(name.format(k + 1) + caption(scene, lang) for k, scene in enumerate(shown))
+
+
+@dataclass(frozen=True)
+class Track:
+    """One shape of a video. `role`: move (from (x, y) to (x + dx, y + dy) at a constant speed over the frames),
+    turn (`new_colour` from frame `frame` on), appear (visible from frame `frame` on) or still."""
+
+    role: str
+    kind: str
+    colour: str
+    x: float
+    y: float
+    radius: float
+    dx: float = 0.0
+    dy: float = 0.0
+    frame: int = 0
+    new_colour: str = ""
+
+    @property
+    def direction(self) -> str:
+        return next(d for d, (ux, uy) in MOTIONS.items() if (np.sign(self.dx), np.sign(self.dy)) == (ux, uy))
+
+    def at(self, frame: int, frames: int) -> Shape | None:
+        """The shape in frame `frame` of `frames` (cell -1: videos have no cells), None while not yet there."""
+        if self.role == "appear" and frame < self.frame:
+            return None
+        share = frame / (frames - 1)
+        colour = self.new_colour if self.role == "turn" and frame >= self.frame else self.colour
+        return Shape(self.kind, colour, -1, self.x + share * self.dx, self.y + share * self.dy, self.radius)
+
+
+def middle_frames(frames: int) -> tuple[int, ...]:
+    """The frame indices a one-frame sample of a `frames`-frame video may pick: the middle one or two."""
+    return tuple(sorted({(frames - 1) // 2, frames // 2}))
+
+
+def _video_layout(rng: np.random.Generator, config: SynthConfig) -> list[tuple[str, str, str]]:
+    """(role, kind, colour) of a video's shapes, the role holding the direction or new colour: distinct kinds and
+    colours (new colours included), a still shape one time in two."""
+    count = 4 if rng.random() < 0.5 else 3
+    kinds = [config.kinds[i] for i in rng.permutation(len(config.kinds))[:count]]
+    colours = [config.colours[i] for i in rng.permutation(len(config.colours))[:count + 1]]
+    roles = [f"move {_pick(rng, tuple(MOTIONS))}", f"turn {colours[count]}", "appear", "still"][:count]
+    return list(zip(roles, kinds, colours))
+
+
+def _place(rng: np.random.Generator, radius: float, size: int, taken: list[tuple[float, float, float, float, float]],
+           tries: int = 200) -> tuple[float, float] | None:
+    """A centre for a shape of `radius` in a size x size frame that keeps 2 pixels from every taken segment
+    (x0, y0, x1, y1, radius): a still shape is a segment of length 0, the moving shape its whole path."""
+    segments = np.array(taken, dtype=np.float64).reshape(-1, 5)
+    for _ in range(tries):
+        point = rng.uniform(radius + 1, size - radius - 1, size=2)
+        start, end = segments[:, :2], segments[:, 2:4]
+        along = end - start
+        share = np.clip(((point - start) * along).sum(1) / np.maximum((along ** 2).sum(1), 1e-9), 0, 1)
+        gaps = np.linalg.norm(start + share[:, None] * along - point, axis=1) - segments[:, 4] - radius
+        if (gaps > 2).all():
+            return float(point[0]), float(point[1])
+    return None
+
+
+def video_tracks(rng: np.random.Generator, held_out: bool, config: SynthConfig) -> tuple[Track, ...]:
+    """A video's shapes: one moves left, right, up or down, one turns a new colour after the middle frame, one
+    appears before or after it (50/50), maybe one stays still. The layout is their roles, kinds and colours. The
+    mover's mid-video place is uniform in a central box whatever its direction, so the middle frame does not
+    show which way it goes, nor the new colour, nor (beyond a guess among about four kinds) what appeared."""
+    size, frames = config.image_size, config.frames
+    layout = _held_out_layout(rng, held_out, lambda rng: _video_layout(rng, config))
+    while True:
+        radii = [size * rng.uniform(*VIDEO_RADIUS) for _ in layout]
+        (role, kind, colour), travel = layout[0], VIDEO_TRAVEL * size
+        ux, uy = MOTIONS[role.split()[1]]
+        mid = rng.uniform(radii[0] + 1 + travel, size - radii[0] - 1 - travel, size=2)
+        start = mid - travel * np.array([ux, uy])
+        tracks = [Track("move", kind, colour, *map(float, start), radii[0], 2 * travel * ux, 2 * travel * uy)]
+        taken = [(*start, *(start + 2 * travel * np.array([ux, uy])), radii[0])]
+        for (role, kind, colour), radius in zip(layout[1:], radii[1:]):
+            centre = _place(rng, radius, size, taken)
+            if centre is None:
+                break
+            taken.append((*centre, *centre, radius))
+            after = int(rng.integers(frames // 2 + 1, frames))
+            before = int(rng.integers(1, (frames - 1) // 2 + 1))
+            name, _, new_colour = role.partition(" ")
+            frame = after if name == "turn" or rng.random() < 0.5 else before
+            tracks.append(Track(name, kind, colour, *centre, radius, frame=frame if name != "still" else 0,
+                                new_colour=new_colour))
+        else:
+            return tuple(tracks)
+
+
+def ask_video(rng: np.random.Generator, tracks: tuple[Track, ...], question_type: str, lang: str,
+              config: SynthConfig) -> tuple[str, str]:
+    """"Which way does the red shape move?" (left / right / up / down), "What colour does the blue shape turn?",
+    "Which shape appears?" (a kind)."""
+    track = {t.role: t for t in tracks}[{"motion": "move", "turn": "turn", "appear": "appear"}[question_type]]
+    colour, zh = say(track.colour, lang), lang == "zh"
+    if question_type == "motion":
+        direction = track.direction
+        return (f"{colour}的形状往哪个方向移动？" if zh else f"Which way does the {colour} shape move?",
+                MOTION_ZH[direction] if zh else direction)
+    if question_type == "turn":
+        return (f"{colour}的形状变成了什么颜色？" if zh else f"What colour does the {colour} shape turn?",
+                say(track.new_colour, lang))
+    return ("哪个形状出现了？" if zh else "Which shape appears?"), say(track.kind, lang)
+
+
+def _video_sentence(track: Track, lang: str) -> str:
+    if lang == "zh":
+        name = f"{ZH[track.colour]}的{ZH[track.kind]}"
+        if track.role == "move":
+            return f"{name}{MOTION_ZH[track.direction]}移动。"
+        if track.role == "turn":
+            return f"{name}变成{ZH[track.new_colour]}。"
+        return f"出现了{name}。" if track.role == "appear" else f"{name}不动。"
+    name = f"{track.colour} {track.kind}"
+    if track.role == "move":
+        return f"The {name} moves {track.direction}."
+    if track.role == "turn":
+        return f"The {name} turns {track.new_colour}."
+    return f"{_article(name).capitalize()} {name} appears." if track.role == "appear" else f"The {name} stays still."
+
+
+def video_caption(tracks: tuple[Track, ...], lang: str, config: SynthConfig) -> str:
+    """One sentence per shape: "The red circle moves left. The blue square turns green. A yellow star appears.
+    The purple cross stays still." """
+    return ("" if lang == "zh" else " ").join(_video_sentence(t, lang) for t in tracks)
+
+
+def render_video(tracks: tuple[Track, ...], rng: np.random.Generator, config: SynthConfig) -> list[Image.Image]:
+    """`config.frames` frames on one background; each shape keeps its jittered colours, the noise moves."""
+    size = config.image_size
+    colours = {t: (_jitter(rng, t.colour), _jitter(rng, t.new_colour or t.colour)) for t in tracks}
+    background = _background(rng, size, size, config.texture)
+    sigma = rng.uniform(0, config.noise)
+    frames = []
+    for frame in range(config.frames):
+        shown = [(shape, colours[t][int(shape.colour != t.colour)]) for t in tracks
+                 if (shape := t.at(frame, config.frames)) is not None]
+        offset = rng.integers(size + 1, size=2)
+        frames.append(_compose(tuple(s for s, _ in shown), [c for _, c in shown], background, sigma, offset))
+    return frames
+
+
+def _multi_media(pair: Pair, rng: np.random.Generator, config: SynthConfig) -> dict:
+    """Both images are drawn whatever `images_shown`, so a first-only file shows the very first images."""
+    images = [encode_image(render(scene, rng, config), config.image_format) for scene in pair.scenes]
+    return {"image_bytes": images[:1] if config.images_shown == "first" else images}
+
+
+def _track_json(tracks: tuple[Track, ...]) -> str:
+    return json.dumps([{k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(t).items()} for t in tracks])
+
+
+def _shapes_json(scenes) -> str:
+    return "[" + ", ".join(_scene_json(s) for s in scenes) + "]"
+
+
+@dataclass(frozen=True)
+class Task:
+    """How a task draws, asks about, describes and shows a scene. `draw(rng, held_out, config, question_types)`,
+    `ask(rng, scene, question_type, lang, config)`, `caption(scene, lang, config)`, `media(scene, rng, config)`
+    -> {column: value}, `markers(lang, config)`: the text before the first question; `scene_json(scene)`."""
+
+    draw: Callable
+    ask: Callable
+    caption: Callable
+    media: Callable
+    markers: Callable
+    scene_json: Callable
+    prompts: dict[str, tuple[str, ...]]
+    media_type: pa.DataType
+
+
+TASK_SPECS = {
+    "details": Task(
+        draw=lambda rng, held_out, config, types: detail_shapes(rng, held_out, config),
+        ask=ask_detail,
+        caption=lambda shapes, lang, config: caption(shapes, lang),
+        media=lambda shapes, rng, config: {
+            "image_bytes": encode_image(render(shapes, rng, config, config.canvas()), config.image_format)},
+        markers=lambda lang, config: "<image>\n",
+        scene_json=_scene_json, prompts=CAPTION_PROMPTS, media_type=pa.binary(),
+    ),
+    "multi": Task(
+        draw=lambda rng, held_out, config, types: multi_pair(rng, held_out, config, types),
+        ask=ask_multi, caption=multi_caption,
+        media=_multi_media, markers=multi_markers, scene_json=lambda pair: _shapes_json(pair.scenes),
+        prompts={"en": ("Describe the images.", "What is in the pictures?"),
+                 "zh": ("描述这些图片。", "图片里有什么？")},
+        media_type=pa.list_(pa.binary()),
+    ),
+    "video": Task(
+        draw=lambda rng, held_out, config, types: video_tracks(rng, held_out, config),
+        ask=ask_video, caption=video_caption,
+        media=lambda tracks, rng, config: {
+            "video_bytes": [encode_image(frame, config.image_format) for frame in render_video(tracks, rng, config)]},
+        markers=lambda lang, config: "<video>\n", scene_json=_track_json,
+        prompts={"en": ("Describe the video.", "What happens in the video?"),
+                 "zh": ("描述这段视频。", "视频里发生了什么？")},
+        media_type=pa.list_(pa.binary()),
+    ),
+}
+
+
+def draw_task_row(config: SynthConfig, file: str, index: int) -> tuple[np.random.Generator, str, object, list]:
+    """`draw_row` of the details, multi and video tasks: (random stream, language, scene, asked), the scene being
+    shapes, a `Pair` or `Track`s."""
+    spec = TASK_SPECS[config.task]
+    rng = _row_rng(config, file, index)
+    lang = config.lang if config.lang != "both" else ("en", "zh")[int(rng.integers(2))]
+    turns = {"vlm_pretrain": 0, "vlm_sft": config.turns, "vlm_test": 1}[file]
+    question_types = draw_question_types(rng, config, turns)
+    scene = spec.draw(rng, file in HELD_OUT_FILES, config, question_types)
+    if file == "vlm_pretrain":
+        return rng, lang, scene, [("caption", _pick(rng, spec.prompts[lang]), spec.caption(scene, lang, config))]
+    return rng, lang, scene, [(t, *spec.ask(rng, scene, t, lang, config)) for t in question_types]
+
+
+def task_row(config: SynthConfig, file: str, index: int) -> dict:
+    """One row of a details, multi or video file (`vlm_row` for shapes): `conversations`, the media column
+    (`image_bytes`: one image or a list; `video_bytes`: a list of frames), then question / answer / question_type
+    (lists in vlm_sft) where each question is its user message as sent (the first one with the markers), lang
+    and the scene as JSON."""
+    spec = TASK_SPECS[config.task]
+    rng, lang, scene, asked = draw_task_row(config, file, index)
+    media = spec.media(scene, rng, config)
+    types, questions, answers = (list(column) for column in zip(*asked))
+    questions[0] = spec.markers(lang, config) + questions[0]
+    messages = [m for q, a in zip(questions, answers) for m in ({"role": "user", "content": q},
+                                                                {"role": "assistant", "content": a})]
+    per_turn = file == "vlm_sft"
+    return {
+        "conversations": json.dumps(messages, ensure_ascii=False), **media,
+        "question": questions if per_turn else questions[0], "answer": answers if per_turn else answers[0],
+        "question_type": types if per_turn else types[0], "lang": lang, "scene": spec.scene_json(scene),
+    }
+
+
+def parquet_schema(file: str, task: str = "shapes") -> pa.Schema:
     """The reference columns (`conversations`, `image_bytes`; `chosen`, `rejected`, `image_bytes` for preference
-    files) first, then evaluation metadata."""
+    files; a task's media column: `image_bytes` one image or a list, `video_bytes` a list of frames) first, then
+    evaluation metadata."""
     if file in PREFERENCE_PARQUETS:
         return pa.schema([
             ("chosen", pa.string()), ("rejected", pa.string()), ("image_bytes", pa.binary()), ("question", pa.string()),
@@ -501,8 +932,11 @@ def parquet_schema(file: str) -> pa.Schema:
             ("lang", pa.string()), ("scene", pa.string()),
         ])
     text = pa.list_(pa.string()) if file == "vlm_sft" else pa.string()
+    media = ("image_bytes", pa.binary())
+    if task != "shapes":
+        media = ("video_bytes" if task == "video" else "image_bytes", TASK_SPECS[task].media_type)
     return pa.schema([
-        ("conversations", pa.string()), ("image_bytes", pa.binary()), ("question", text), ("answer", text),
+        ("conversations", pa.string()), media, ("question", text), ("answer", text),
         ("question_type", text), ("lang", pa.string()), ("scene", pa.string()),
     ])
 
@@ -565,13 +999,17 @@ def generate(config: SynthConfig, out_dir: str, rows: dict[str, int], row_group_
         path = os.path.join(out_dir, FILE_NAMES[file])
         text = file.startswith("llm_")
         make = text_record if text else preference_row if file in PREFERENCE_PARQUETS else vlm_row
+        if config.task != "shapes":
+            if file not in TASK_FILES:
+                raise ValueError(f"the {config.task} task writes only {TASK_FILES}, not {file}")
+            make = task_row
         records: Iterator = (make(config, file, i) for i in range(count))
         if progress is not None:
             records = progress(records, file, count)
         if text:
             write_jsonl(records, path)
         else:
-            write_parquet(records, path, parquet_schema(file), row_group_size)
+            write_parquet(records, path, parquet_schema(file, config.task), row_group_size)
         paths[file] = path
     return paths
 
@@ -590,9 +1028,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rl_rows", type=int, default=None,
                         help="rows of the RL prompt files vlm_rl.parquet and llm_rl.jsonl (one question each, with "
                              "its answer; default: --train_rows)")
-    parser.add_argument("--files", nargs="+", choices=FILES, default=list(DEFAULT_FILES),
+    parser.add_argument("--files", nargs="+", choices=FILES, default=None,
                         help="which files to write (default: all but the preference files llm_dpo, vlm_dpo, "
-                             "vlm_dpo_test and the RL prompt files vlm_rl, llm_rl)")
+                             "vlm_dpo_test and the RL prompt files vlm_rl, llm_rl; the other tasks write only "
+                             "vlm_pretrain, vlm_sft and vlm_test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lang", choices=["en", "zh", "both"], default="both",
                         help="language of questions and answers; both = a random language per row")
@@ -613,18 +1052,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colours", nargs="+", choices=list(COLOURS), default=list(COLOURS), help="colours to use")
     parser.add_argument("--max_shapes", type=int, default=MAX_SHAPES, choices=range(1, MAX_SHAPES + 1),
                         help="most shapes in one image (the count is uniform from 1 to this)")
-    parser.add_argument("--question_types", nargs="+", choices=QUESTION_TYPES, default=list(QUESTION_TYPES),
-                        help="the question types to ask (e.g. only position, to train one skill on its own)")
+    every_type = list(dict.fromkeys(t for types in TASK_QUESTION_TYPES.values() for t in types))
+    parser.add_argument("--question_types", nargs="+", choices=every_type, default=None,
+                        help="the question types to ask (e.g. only position, to train one skill on its own; "
+                             "default: all of the task's)")
+    parser.add_argument("--task", choices=TASKS, default="shapes",
+                        help="shapes: the scenes of the demo; details: small shapes in large images (tiles); multi: "
+                             "questions comparing two images; video: a moving, recolouring, appearing scene")
+    parser.add_argument("--width", type=int, default=0,
+                        help=f"details: image width (default {DETAIL_SCALE[0]} x --image_size)")
+    parser.add_argument("--height", type=int, default=0,
+                        help=f"details: image height (default {DETAIL_SCALE[1]} x --image_size)")
+    parser.add_argument("--images_shown", choices=["all", "first"], default="all",
+                        help="multi: first keeps only each row's first image and its marker, questions unchanged "
+                             "(the control for what the second image adds)")
+    parser.add_argument("--frames", type=int, default=8, help="video: frames per video")
 
 
-def _check(args) -> None:
+def _check(args, config: SynthConfig) -> None:
     if args.image_size < 32:
         raise SystemExit(f"data synth: --image_size must be at least 32 (got {args.image_size})")
-    types = len(SynthConfig(max_shapes=args.max_shapes).question_types())
+    unknown = [t for t in config.asked_types if t not in TASK_QUESTION_TYPES[config.task]]
+    if unknown:
+        raise SystemExit(f"data synth: the {config.task} task asks {list(TASK_QUESTION_TYPES[config.task])}, "
+                         f"not {unknown}")
+    types = len(SynthConfig(max_shapes=args.max_shapes, task=config.task).question_types())
     if not 1 <= args.turns <= types:
         raise SystemExit(f"data synth: --turns must be between 1 and {types}, one question per type "
                          f"(got {args.turns})")
-    if not SynthConfig(max_shapes=args.max_shapes, asked_types=tuple(args.question_types)).question_types():
+    if not config.question_types():
         raise SystemExit("data synth: relation questions need --max_shapes 2 or more")
     for name in ("kinds", "colours"):
         chosen = getattr(args, name)
@@ -639,16 +1095,45 @@ def _check(args) -> None:
               args.rl_rows or 0)
     if min(counts) < 0:
         raise SystemExit("data synth: row counts must not be negative")
+    _check_task(args, config)
+
+
+def _check_task(args, config: SynthConfig) -> None:
+    """What the details, multi and video tasks need besides the common checks."""
+    task = config.task
+    if task != "shapes" and not set(args.files or TASK_FILES) <= set(TASK_FILES):
+        raise SystemExit(f"data synth: --task {task} writes only {' '.join(TASK_FILES)} (got --files "
+                         f"{' '.join(args.files)})")
+    if task != "shapes" and args.think:
+        raise SystemExit("data synth: --think is for --task shapes")
+    if args.images_shown != "all" and task != "multi":
+        raise SystemExit("data synth: --images_shown is for --task multi")
+    if task == "details":
+        width, height = config.canvas()
+        largest = DETAIL_RADIUS * config.image_size * max(EQUAL_AREA.values())
+        if min(width, height) < config.image_size or min(width, height) / 2 < 2 * largest + 4:
+            raise SystemExit(f"data synth: --width and --height must be at least --image_size ({config.image_size}); "
+                             f"got {width}x{height}")
+    if task == "multi" and "more" in config.question_types() and args.max_shapes < 3:
+        raise SystemExit("data synth: multi's \"more\" questions need --max_shapes 3 or more")
+    if task == "video":
+        if args.frames < 4:
+            raise SystemExit(f"data synth: --frames must be at least 4 (got {args.frames})")
+        if len(args.kinds) < 4 or len(args.colours) < 5:
+            raise SystemExit("data synth: --task video needs at least 4 --kinds and 5 --colours")
 
 
 def main(args) -> None:
     from tqdm import tqdm
 
-    _check(args)
+    asked = args.question_types or TASK_QUESTION_TYPES[args.task]
     config = SynthConfig(image_size=args.image_size, lang=args.lang, turns=args.turns, noise=args.noise,
                          texture=args.texture, image_format=args.image_format, seed=args.seed,
                          kinds=tuple(args.kinds), colours=tuple(args.colours), max_shapes=args.max_shapes,
-                         asked_types=tuple(dict.fromkeys(args.question_types)), think=bool(args.think))
+                         asked_types=tuple(dict.fromkeys(asked)), think=bool(args.think), task=args.task,
+                         width=args.width, height=args.height, images_shown=args.images_shown, frames=args.frames)
+    _check(args, config)
+    files = args.files or (DEFAULT_FILES if args.task == "shapes" else TASK_FILES)
     pretrain = args.train_rows if args.pretrain_rows is None else args.pretrain_rows
     text = args.train_rows if args.text_rows is None else args.text_rows
     dpo = args.train_rows if args.dpo_rows is None else args.dpo_rows
@@ -656,7 +1141,7 @@ def main(args) -> None:
     counts = {"llm_pretrain": text, "llm_sft": text, "vlm_pretrain": pretrain, "vlm_sft": args.train_rows,
               "vlm_test": args.test_rows, "llm_dpo": dpo, "vlm_dpo": dpo, "vlm_dpo_test": args.test_rows,
               "vlm_rl": rl, "llm_rl": rl}
-    rows = {file: counts[file] for file in FILES if file in args.files}
+    rows = {file: counts[file] for file in FILES if file in files}
     start = time.perf_counter()
     bar = lambda records, file, count: tqdm(records, total=count, desc=file, unit="row", leave=False, disable=None)
     paths = generate(config, args.out_dir, rows, args.row_group_size, progress=bar)

@@ -29,7 +29,7 @@ from . import distributed
 from .checkpoint import ResumeError
 from .loop import Loop, StopRequest
 from .lora import TARGET_GROUPS
-from .options import add_shape_arguments
+from .options import add_shape_arguments, add_vision_input_arguments
 from .tracking import LOGGERS
 from .train_config import STAGES, TrainConfig, defaults
 from .trainer import Trainer, TrainingError
@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(default: none)")
     data.add_argument("--vision_cache_gb", type=float, default=d["vision_cache_gb"],
                       help="size bound of the --vision_cache folder; once reached, nothing more is added")
+    add_vision_input_arguments(data)
     model = parser.add_argument_group("model")
     add_shape_arguments(model)
     model.add_argument("--tokenizer", default=d["tokenizer"], help="tokenizer folder; the vocabulary size comes "

@@ -75,6 +75,7 @@ class TrainConfig:
     num_workers: int | None = None
     vision_cache: str | None = None
     vision_cache_gb: float = 50.0
+    video_frames: int = 8
     # model
     hidden_size: int = 768
     num_hidden_layers: int = 8
@@ -85,6 +86,7 @@ class TrainConfig:
     freeze_llm: int | None = None
     initializer_range: float = 0.02
     train_vision: int = 0
+    max_tiles: int | None = None
     # LoRA (rank 0: off)
     lora_rank: int = 0
     lora_alpha: float | None = None

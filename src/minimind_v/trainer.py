@@ -189,7 +189,8 @@ class Trainer:
             vision = self.tower_source = self._vision_source()
             try:
                 model_config = vlm_config(vision, config.hidden_size, config.num_hidden_layers, config.use_moe,
-                                          len(self.tokenizer), initializer_range=config.initializer_range)
+                                          len(self.tokenizer), initializer_range=config.initializer_range,
+                                          max_tiles=config.max_tiles or 1)
                 tower_path, _ = resolve_vision(vision)
             except ValueError as err:
                 raise TrainingError(str(err)) from err
@@ -391,7 +392,8 @@ class Trainer:
         data_config = DataConfig(
             paths=config.data_path, kind=stage.kind, max_seq_len=config.max_seq_len,
             image_token_len=self.model.config.image_token_len if stage.vision else 0,
-            add_system_ratio=config.add_system_ratio, empty_think_ratio=config.empty_think_ratio, seed=config.seed,
+            video_frames=config.video_frames, add_system_ratio=config.add_system_ratio,
+            empty_think_ratio=config.empty_think_ratio, seed=config.seed,
             shuffle_window=config.shuffle_window, packing=bool(config.packing),
             pad_multiple=16 if config.use_compile else 1, thinking_ratio=config.thinking_ratio,
             needs_answer="exact_match" in self.reward_weights,

@@ -3,7 +3,7 @@
 The tower is a transformers `SiglipVisionModel`: loaded from a local folder or hub id (in float32 unless
 asked otherwise; the released tower is stored in fp16), or built with random weights from a config dict
 for from-zero training. `ImagePreprocessor` reproduces `SiglipImageProcessor` (resize, rescale, normalise)
-for images in any PIL mode.
+for images in any PIL mode, optionally cut into a grid of tiles besides the whole-image thumbnail (`max_tiles`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from .config import IMAGE_TOKEN, TILE_ROW_END
 
 SIGLIP2_HUB_ID = "jingyaogong/siglip2-base-p32-256-ve"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -108,43 +110,116 @@ def load_image(source: str | BinaryIO, max_pixels: int | None = None) -> Image.I
         raise ValueError(f"cannot read image {name!r}: {type(err).__name__}: {err}") from err
 
 
+Grid = tuple[int, int]  # (rows, columns) of tiles
+
+
+def select_grid(width: int, height: int, max_tiles: int, tile_size: int) -> Grid:
+    """The grid of `tile_size` tiles, at most `max_tiles` of them, that shows a width x height image best: the
+    most of its pixels kept when it is scaled to fit (aspect ratio kept), then the least area wasted (the
+    LLaVA-NeXT rule). Grids are tried by tile count, then rows, so ties go to fewer tiles and fewer rows."""
+    best, best_kept, best_waste = (1, 1), -1, 0
+    for tiles in range(1, max(max_tiles, 1) + 1):
+        for rows in range(1, tiles + 1):
+            if tiles % rows:
+                continue
+            grid_w, grid_h = tiles // rows * tile_size, rows * tile_size
+            scale = min(grid_w / width, grid_h / height)
+            kept = min(int(width * scale) * int(height * scale), width * height)
+            waste = grid_w * grid_h - kept
+            if kept > best_kept or (kept == best_kept and waste < best_waste):
+                best, best_kept, best_waste = (rows, tiles // rows), kept, waste
+    return best
+
+
+def grid_tiles(grid: Grid) -> int:
+    """Squares the tower encodes for an image of this grid: the thumbnail alone for 1x1, else the thumbnail
+    and every tile."""
+    rows, cols = grid
+    return 1 if rows * cols == 1 else 1 + rows * cols
+
+
+def image_placeholder(grid: Grid, image_token_len: int) -> str:
+    """The placeholder text of one image: `image_token_len` image tokens per square, the thumbnail first, then
+    the tiles row by row, each row of tiles followed by one `TILE_ROW_END` so the decoder sees the layout."""
+    block = IMAGE_TOKEN * image_token_len
+    rows, cols = grid
+    if rows * cols == 1:
+        return block
+    return block + (block * cols + TILE_ROW_END) * rows
+
+
 class ImagePreprocessor:
     """PIL images -> pixel values [N, 3, size, size] float32, equal to `SiglipImageProcessor` to ~1e-7.
 
     Steps: convert to RGB, resize to size x size (bicubic by default), then (x / 255 - mean) / std through a
     per-channel 256-entry lookup table, which is exact and cheap enough for DataLoader workers.
+
+    With `max_tiles` > 1 an image whose `select_grid` is r x c (not 1x1) becomes 1 + r*c squares: the
+    size x size thumbnail of the whole image, then the image resized to (c * size) x (r * size) and cut into
+    tiles, row-major. `max_tiles=1` is the plain one-square preprocessing.
     """
 
     def __init__(self, size: int = 256, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5), resample: int = Image.Resampling.BICUBIC):
+                 std: Sequence[float] = (0.5, 0.5, 0.5), resample: int = Image.Resampling.BICUBIC,
+                 max_tiles: int = 1):
+        if max_tiles < 1:
+            raise ValueError(f"max_tiles must be at least 1, got {max_tiles}")
         self.size = size
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
         self.resample = int(resample)
+        self.max_tiles = int(max_tiles)
         # The same float64 rescale then float32 normalise as `SiglipImageProcessor`, once per level.
         rescaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
         self._lut = np.stack([(rescaled - np.float32(m)) / np.float32(s) for m, s in zip(self.mean, self.std)])
 
     @classmethod
     def from_config(cls, config) -> ImagePreprocessor:
-        return cls(config.image_size, config.image_mean, config.image_std, config.image_resample)
+        return cls(config.image_size, config.image_mean, config.image_std, config.image_resample,
+                   getattr(config, "max_tiles", 1))
 
-    def pixels(self, image: Image.Image) -> np.ndarray:
-        """One image -> float32 array [3, size, size]."""
-        rgb = to_rgb(image)
-        if rgb.size != (self.size, self.size):
-            rgb = rgb.resize((self.size, self.size), resample=self.resample)
+    def grid_for_size(self, width: int, height: int) -> Grid:
+        return (1, 1) if self.max_tiles == 1 else select_grid(width, height, self.max_tiles, self.size)
+
+    def grid(self, image: Image.Image) -> Grid:
+        """The tile grid of an image (from its size alone)."""
+        return self.grid_for_size(*image.size)
+
+    def num_tiles(self, image: Image.Image) -> int:
+        """Squares (thumbnail and tiles) the image becomes."""
+        return grid_tiles(self.grid(image))
+
+    def _normalised(self, rgb: Image.Image, width: int, height: int) -> np.ndarray:
+        """RGB image -> float32 [3, height, width]."""
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), resample=self.resample)
         hwc = np.asarray(rgb, dtype=np.uint8)
         return np.stack([self._lut[c][hwc[..., c]] for c in range(3)])
 
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """One image as one square, whatever `max_tiles`: float32 [3, size, size]."""
+        return self._normalised(to_rgb(image), self.size, self.size)
+
+    def tiles(self, image: Image.Image) -> np.ndarray:
+        """One image -> float32 [grid_tiles(grid), 3, size, size]: the thumbnail, then the tiles row-major."""
+        rgb = to_rgb(image)
+        thumbnail = self._normalised(rgb, self.size, self.size)[None]
+        rows, cols = self.grid(rgb)
+        if rows * cols == 1:
+            return thumbnail
+        side = self.size
+        grid = self._normalised(rgb, cols * side, rows * side)  # [3, rows * side, cols * side]
+        tiles = grid.reshape(3, rows, side, cols, side).transpose(1, 3, 0, 2, 4).reshape(-1, 3, side, side)
+        return np.concatenate([thumbnail, tiles])
+
     def __call__(self, images: Image.Image | Iterable[Image.Image]) -> torch.Tensor:
-        """One image or several -> pixel values [N, 3, size, size]."""
+        """One image or several -> pixel values [N, 3, size, size], every image's squares in image order."""
         if isinstance(images, Image.Image):
             images = [images]
-        arrays = [self.pixels(image) for image in images]
+        arrays = [self.tiles(image) for image in images]
         if not arrays:
             return torch.empty(0, 3, self.size, self.size)
-        return torch.from_numpy(np.stack(arrays))
+        return torch.from_numpy(np.concatenate(arrays))
 
     def save_pretrained(self, folder: str) -> None:
         """Write a `SiglipImageProcessor`-compatible preprocessor_config.json."""
@@ -161,5 +236,7 @@ class ImagePreprocessor:
             "image_mean": self.mean,
             "image_std": self.std,
         }
+        if self.max_tiles > 1:
+            config["max_tiles"] = self.max_tiles
         with open(os.path.join(folder, PREPROCESSOR_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)

@@ -1,6 +1,7 @@
-"""`minimind-v webui`: a Gradio chat with images. The whole conversation (with its images) goes to the model
-each turn; replies stream; temperature, top-p, reply length and reasoning are set in the page; a dropdown
-picks any model found in `--models_dir`. Nothing is fetched from the internet (no analytics, no share link).
+"""`minimind-v webui`: a Gradio chat with images and videos. The whole conversation (with its images and videos)
+goes to the model each turn; videos (`video.VIDEO_EXTENSIONS`, animated GIFs) become `--video_frames` frames;
+replies stream; temperature, top-p, reply length and reasoning are set in the page; a dropdown picks any model
+found in `--models_dir`. Nothing is fetched from the internet (no analytics, no share link).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 
 from .chat import load_engine
 from .generate import ChatRequest, Engine, GenerationConfig
-from .options import add_dtype_argument, add_model_arguments, add_sampling_arguments
+from .options import add_dtype_argument, add_model_arguments, add_sampling_arguments, add_vision_input_arguments
 from .tokenizer import IMAGE_MARKER
+from .video import VIDEO_EXTENSIONS, VIDEO_MARKER, Video, is_video_file, load_video
 from .vision import load_image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
@@ -29,6 +31,7 @@ except ImportError as missing:
 
 NATIVE_WEIGHTS = re.compile(r"^(?P<prefix>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
 TRANSFORMERS_FILES = (".bin", ".safetensors")
+NEW_CONVERSATION = {"messages": [], "images": [], "videos": []}  # the page's state: what each turn sends again
 
 
 @dataclass(frozen=True)
@@ -135,15 +138,21 @@ def respond(
     history = history + [user_entry(text, files)]
     yield None, history, conversation
     try:
-        images = [load_image(f) for f in files]
+        attached = [load_video(f, host.args.video_frames) if is_video_file(f) else load_image(f) for f in files]
     except ValueError as err:
         yield None, history + [{"role": "assistant", "content": f"⚠️ {err}"}], conversation
         return
     if host.engine is None:
         yield None, history + [{"role": "assistant", "content": host.no_model_message()}], conversation
         return
-    turn = {"role": "user", "content": IMAGE_MARKER * len(images) + ("\n" if images else "") + text}
-    request = ChatRequest(conversation["messages"] + [turn], conversation["images"] + images, bool(thinking))
+    markers = "".join(VIDEO_MARKER if isinstance(a, Video) else IMAGE_MARKER for a in attached)
+    turn = {"role": "user", "content": markers + ("\n" if attached else "") + text}
+    request = ChatRequest(
+        conversation["messages"] + [turn],
+        conversation["images"] + [a for a in attached if not isinstance(a, Video)],
+        bool(thinking),
+        videos=conversation["videos"] + [a for a in attached if isinstance(a, Video)],
+    )
     config = GenerationConfig(
         max_new_tokens=int(max_new_tokens),
         temperature=temperature,
@@ -167,7 +176,7 @@ def respond(
     reply = {"role": "assistant", "content": completion.text}
     if completion.reasoning is not None:
         reply["reasoning_content"] = completion.reasoning
-    conversation = {"messages": request.messages + [reply], "images": request.images}
+    conversation = {"messages": request.messages + [reply], "images": request.images, "videos": request.videos}
     yield None, history + reply_entries(completion.reasoning or "", completion.text), conversation
 
 
@@ -179,7 +188,7 @@ def reply_entries(reasoning: str, answer: str) -> list[dict]:
 
 def build_app(args, host: ModelHost, status: str) -> gr.Blocks:
     with gr.Blocks(title="MiniMind-V", analytics_enabled=False) as app:
-        gr.Markdown("# MiniMind-V\nUpload images, ask about them; the whole conversation is sent each turn.")
+        gr.Markdown("# MiniMind-V\nUpload images or videos, ask about them; the whole conversation is sent each turn.")
         with gr.Row():
             model = gr.Dropdown(
                 list(host.choices),
@@ -191,10 +200,10 @@ def build_app(args, host: ModelHost, status: str) -> gr.Blocks:
             status_box = gr.Markdown(status, elem_id="status")
         chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chat", render_markdown=False, reasoning_tags=[])
         textbox = gr.MultimodalTextbox(
-            file_types=["image"],
+            file_types=["image", "video", *VIDEO_EXTENSIONS],
             file_count="multiple",
             sources=["upload"],
-            placeholder="Ask something (attach images with the clip)",
+            placeholder="Ask something (attach images or videos with the clip)",
             elem_id="ask",
         )
         with gr.Row():
@@ -205,7 +214,7 @@ def build_app(args, host: ModelHost, status: str) -> gr.Blocks:
             )
             thinking = gr.Checkbox(value=bool(args.open_thinking), label="Thinking")
             clear = gr.Button("New conversation")
-        conversation = gr.State({"messages": [], "images": []})
+        conversation = gr.State(NEW_CONVERSATION)
 
         model.change(host.load, model, status_box)
         textbox.submit(
@@ -213,7 +222,7 @@ def build_app(args, host: ModelHost, status: str) -> gr.Blocks:
             [textbox, chatbot, conversation, temperature, top_p, max_new_tokens, thinking],
             [textbox, chatbot, conversation],
         )
-        clear.click(lambda: ([], {"messages": [], "images": []}), None, [chatbot, conversation])
+        clear.click(lambda: ([], NEW_CONVERSATION), None, [chatbot, conversation])
     return app
 
 
@@ -221,6 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, weight="sft_vlm")
     add_dtype_argument(parser)
     add_sampling_arguments(parser, temperature=0.7, top_p=0.95)
+    add_vision_input_arguments(parser)
     parser.add_argument(
         "--models_dir", default=".", help="folder scanned for models (transformers folders and native .pth weights)"
     )

@@ -48,6 +48,10 @@ def check_exportable(model: nn.Module) -> None:
     if not isinstance(tower, SiglipVisionModel):
         raise ValueError(f"the vision tower is a {type(tower).__name__}: only a SigLIP tower has an LFM2-VL "
                          "equivalent (Siglip2VisionModel)")
+    if getattr(model.config, "max_tiles", 1) > 1:
+        raise ValueError(f"the model reads images as up to {model.config.max_tiles} tiles and a thumbnail, which "
+                         "LFM2-VL's processor tiles differently; export the remote-code folder (the default "
+                         "format), which keeps the tiling")
     qwen3_config(model.config)  # raises for a RoPE setting Qwen3 cannot express
 
 
