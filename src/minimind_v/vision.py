@@ -178,12 +178,9 @@ class ImagePreprocessor:
         return cls(config.image_size, config.image_mean, config.image_std, config.image_resample,
                    getattr(config, "max_tiles", 1))
 
-    def grid_for_size(self, width: int, height: int) -> Grid:
-        return (1, 1) if self.max_tiles == 1 else select_grid(width, height, self.max_tiles, self.size)
-
     def grid(self, image: Image.Image) -> Grid:
         """The tile grid of an image (from its size alone)."""
-        return self.grid_for_size(*image.size)
+        return (1, 1) if self.max_tiles == 1 else select_grid(*image.size, self.max_tiles, self.size)
 
     def num_tiles(self, image: Image.Image) -> int:
         """Squares (thumbnail and tiles) the image becomes."""
@@ -195,10 +192,6 @@ class ImagePreprocessor:
             rgb = rgb.resize((width, height), resample=self.resample)
         hwc = np.asarray(rgb, dtype=np.uint8)
         return np.stack([self._lut[c][hwc[..., c]] for c in range(3)])
-
-    def pixels(self, image: Image.Image) -> np.ndarray:
-        """One image as one square, whatever `max_tiles`: float32 [3, size, size]."""
-        return self._normalised(to_rgb(image), self.size, self.size)
 
     def tiles(self, image: Image.Image) -> np.ndarray:
         """One image -> float32 [grid_tiles(grid), 3, size, size]: the thumbnail, then the tiles row-major."""
