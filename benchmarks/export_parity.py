@@ -57,8 +57,8 @@ def compare_lfm2_vl(model, tokenizer, items, folder: str, new_tokens: int) -> st
     same = ours_right = theirs_right = 0
     worst = 0.0
     for item in items:
-        ids = engine.prompt_ids(ChatRequest(messages=[{"role": "user", "content": item.question}],
-                                            images=list(item.images)))
+        ids = engine.prepare(ChatRequest(messages=[{"role": "user", "content": item.question}],
+                                         images=list(item.images))).ids
         pixels = model.image_processor(item.images)
         ours, our_logits = greedy(model, ids, new_tokens, pixel_values=pixels)
         theirs, their_logits = greedy(native, ids, new_tokens, **lfm2_vl_pixels(pixels, patch))

@@ -45,6 +45,9 @@ def run(argv: list[str]) -> float:
 def variant_data(args, name: str, synth_flags: list[str]) -> str:
     """The variant's synthetic data folder, written once; variants without their own synth flags share one."""
     folder = os.path.join(args.out_dir, args.task, "data_" + name.replace(" ", "_") if synth_flags else "data")
+    if args.task == "details":
+        synth_flags = [*synth_flags, "--detail_radius", str(args.detail_radius)]
+        folder += f"_radius{args.detail_radius}"
     if not os.path.isfile(os.path.join(folder, "vlm_test.parquet")):
         run(["data", "synth", "--task", args.task, "--out_dir", folder, "--train_rows", str(args.train_rows),
              "--test_rows", str(args.test_rows), "--lang", "en", "--seed", str(args.seed), *synth_flags])
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--sft_steps", type=int, default=900)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu_dtype", default="auto")
+    parser.add_argument("--detail_radius", type=float, default=0.045,
+                        help="details: the shapes' radius in --image_size units (data synth --detail_radius)")
     parser.add_argument("--video_frames", type=int, default=8, help="video: frames sampled from the 8 of each video")
     args = parser.parse_args()
     compared = variants(args)

@@ -60,7 +60,7 @@ def test_a_prompt_is_token_identical_in_training_and_in_inference(case, which, t
     record = {"conversations": json.dumps(conversations, ensure_ascii=False), "image_bytes": [png()] * images}
     trained = sample_builder(config, tokenizer, tiny_vlm.image_processor).build(record, random.Random(0))
     request = ChatRequest(messages[:-1], [Image.new("RGB", (64, 64))] * images, thinking, tools)
-    prompt = Engine(tiny_vlm, tokenizer).prompt_ids(request)
+    prompt = Engine(tiny_vlm, tokenizer).prepare(request).ids
     assert trained.ids[:len(prompt)].tolist() == prompt
     answer = tokenizer.decode(trained.ids[len(prompt):])
     assert answer.endswith("<|im_end|>\n") and tokenizer.decode(trained.ids[trained.labels != IGNORE]).endswith(answer)

@@ -94,8 +94,9 @@ def test_joined_rows_keep_their_own_sampling(lively_vlm, tiny_tokenizer):
     for step in range(12):
         if step in (0, 3, 5):
             row = (0, 3, 5).index(step)
-            ids, mask = engine._batch([engine.prompt_ids(requests[row])])
-            decoder.join(ids, mask, [configs[row]], engine._pixels([requests[row]]))
+            prepared = engine.prepare(requests[row])
+            ids, mask = engine._batch([prepared.ids])
+            decoder.join(ids, mask, [configs[row]], engine._pixels([prepared.images]))
             rows.append(row)
         for row, token in zip(rows, decoder.step().tolist()):
             tokens[row].append(token)
@@ -114,7 +115,7 @@ def test_images_of_joining_rows_are_encoded_once_at_their_prefill(lively_vlm, ti
 
 def test_kv_memory_follows_prompt_and_max_tokens(lively_vlm, tiny_tokenizer):
     engine = Engine(lively_vlm, tiny_tokenizer)
-    long_prompt, short_prompt = (engine.prompt_ids(ChatRequest(user(text))) for text in ("hello " * 40, "hi"))
+    long_prompt, short_prompt = (engine.prepare(ChatRequest(user(text))).ids for text in ("hello " * 40, "hi"))
     short = GenerationConfig(max_new_tokens=3, **GREEDY)
     decoder = Decoder(lively_vlm, *engine._batch([short_prompt]), [short])
     for _ in range(3):
@@ -133,7 +134,7 @@ def test_kv_memory_follows_prompt_and_max_tokens(lively_vlm, tiny_tokenizer):
 
 def test_padding_columns_are_masked_and_zero(lively_vlm, tiny_tokenizer):
     engine = Engine(lively_vlm, tiny_tokenizer)
-    prompts = [engine.prompt_ids(ChatRequest(user(text))) for text in ("How many shapes are there?", "hi")]
+    prompts = [engine.prepare(ChatRequest(user(text))).ids for text in ("How many shapes are there?", "hi")]
     config = GenerationConfig(max_new_tokens=4, **GREEDY)
     decoder = Decoder(lively_vlm, *engine._batch(prompts[1:]), [config])
     decoder.step()
@@ -157,7 +158,7 @@ def test_a_request_joins_the_server_batch_while_another_decodes(lively_vlm, tiny
         def submit(text: str, tokens: int) -> serve.Job:
             request = ChatRequest(user(text))
             parsed = serve.Parsed(request, GenerationConfig(max_new_tokens=tokens, **GREEDY), False, False)
-            job = serve.Job(parsed, engine.prompt_ids(request), loop)
+            job = serve.Job(parsed, engine.prepare(request), loop)
             worker.submit(job)
             return job
 
@@ -195,7 +196,7 @@ def test_a_failed_step_answers_its_requests_with_a_500_and_the_worker_goes_on(li
         def submit() -> serve.Job:
             request = ChatRequest(user("hi"))
             parsed = serve.Parsed(request, GenerationConfig(max_new_tokens=3, **GREEDY), False, False)
-            job = serve.Job(parsed, engine.prompt_ids(request), loop)
+            job = serve.Job(parsed, engine.prepare(request), loop)
             worker.submit(job)
             return job
 

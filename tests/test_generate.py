@@ -60,9 +60,9 @@ def requests_of_different_lengths() -> list[ChatRequest]:
 def test_cached_decoding_equals_recomputing_everything(lively_vlm, tiny_tokenizer):
     engine = Engine(lively_vlm, tiny_tokenizer)
     requests = requests_of_different_lengths()
-    prompts = [engine.prompt_ids(r) for r in requests]
-    ids, mask = engine._batch(prompts)
-    pixels = engine._pixels(requests)
+    prepared = [engine.prepare(r) for r in requests]
+    ids, mask = engine._batch([p.ids for p in prepared])
+    pixels = engine._pixels([p.images for p in prepared])
     configs = [GenerationConfig(max_new_tokens=12, **GREEDY)] * len(requests)
     cached = decode_all(Decoder(lively_vlm, ids, mask, configs, pixels))
     recomputed = decode_all(Decoder(lively_vlm, ids, mask, configs, pixels, use_cache=False))
@@ -114,12 +114,12 @@ def test_max_new_tokens_is_honoured(lively_vlm, tiny_tokenizer):
 def test_prompt_limit_and_image_count_are_checked(lively_vlm, tiny_tokenizer):
     request = requests_of_different_lengths()[1]
     with pytest.raises(PromptTooLong, match="more than the limit of 50"):
-        Engine(lively_vlm, tiny_tokenizer, max_prompt_tokens=50).prompt_ids(request)
+        Engine(lively_vlm, tiny_tokenizer, max_prompt_tokens=50).prepare(request)
     with pytest.raises(ValueError, match="2 <image> marker"):
-        Engine(lively_vlm, tiny_tokenizer).prompt_ids(ChatRequest(requests_of_different_lengths()[2].messages,
+        Engine(lively_vlm, tiny_tokenizer).prepare(ChatRequest(requests_of_different_lengths()[2].messages,
                                                                   [photo(0)]))
     with pytest.raises(ValueError, match="placeholder tokens"):
-        Engine(lively_vlm, tiny_tokenizer).prompt_ids(ChatRequest([{"role": "user", "content": "<|image_pad|>hi"}]))
+        Engine(lively_vlm, tiny_tokenizer).prepare(ChatRequest([{"role": "user", "content": "<|image_pad|>hi"}]))
 
 
 class ScriptedModel(torch.nn.Module):
@@ -231,7 +231,7 @@ def test_images_are_encoded_once_at_prefill(lively_vlm, tiny_tokenizer, monkeypa
 def test_model_generate_reference_arguments(lively_vlm, tiny_tokenizer, monkeypatch):
     engine = Engine(lively_vlm, tiny_tokenizer)
     request = requests_of_different_lengths()[1]
-    input_ids = torch.tensor([engine.prompt_ids(request)])
+    input_ids = torch.tensor([engine.prepare(request).ids])
     pixel_values = {"pixel_values": lively_vlm.image_processor(request.images)}
 
     class Streamer:

@@ -151,8 +151,9 @@ def test_an_answer_does_not_depend_on_the_batch_it_is_sampled_in(lively_vlm, tin
 def test_a_prompt_is_the_generation_prompt_the_engine_builds(lively_vlm, tiny_tokenizer):
     rlaif, bare = prompts(tiny_tokenizer, lively_vlm.image_processor, [ROWS[0], row("What colour is it?", "red",
                                                                                     final_assistant=False)])
-    engine_ids = Engine(lively_vlm, tiny_tokenizer).prompt_ids(
-        ChatRequest([{"role": "user", "content": "<image>\nWhat colour is it?"}], images=[Image.new("RGB", (8, 8))]))
+    request = ChatRequest([{"role": "user", "content": "<image>\nWhat colour is it?"}],
+                          images=[Image.new("RGB", (8, 8))])
+    engine_ids = Engine(lively_vlm, tiny_tokenizer).prepare(request).ids
     assert rlaif.ids.tolist() == bare.ids.tolist() == engine_ids
     answer_from_turn = {"conversations": json.dumps([{"role": "user", "content": "Name a colour."},
                                                      {"role": "assistant", "content": "Red."}])}

@@ -119,8 +119,10 @@ def test_kv_cache_and_batched_decoding_work_quantized(tiny_tokenizer, dtype):
     batched = engine.generate(requests, GREEDY)
     assert [c.token_ids for c in batched] == [engine.generate([r], GREEDY)[0].token_ids for r in requests]
     assert len(set(batched[1].token_ids)) > 3
-    ids, mask = engine._batch([engine.prompt_ids(r) for r in requests])
-    decoders = [Decoder(model, ids, mask, [GREEDY] * 2, engine._pixels(requests), use_cache=c) for c in (True, False)]
+    prepared = [engine.prepare(r) for r in requests]
+    ids, mask = engine._batch([p.ids for p in prepared])
+    pixels = engine._pixels([p.images for p in prepared])
+    decoders = [Decoder(model, ids, mask, [GREEDY] * 2, pixels, use_cache=c) for c in (True, False)]
     cached, recomputed = ([d.step() for _ in range(GREEDY.max_new_tokens)] for d in decoders)
     assert torch.equal(torch.stack(cached), torch.stack(recomputed))
     assert decoders[0].cache.keys[0].dtype == dtype

@@ -165,7 +165,7 @@ def test_completion_with_image_matches_engine(client, engine):
     assert reply.object == "chat.completion" and reply.model == "tiny-vlm"
     assert reply.choices[0].message.content == want.text
     assert reply.choices[0].finish_reason == want.finish_reason
-    assert reply.usage.prompt_tokens == len(engine.prompt_ids(request)) == want.prompt_tokens
+    assert reply.usage.prompt_tokens == len(engine.prepare(request).ids) == want.prompt_tokens
     assert reply.usage.completion_tokens == want.completion_tokens
     assert reply.usage.total_tokens == want.prompt_tokens + want.completion_tokens
 
@@ -319,7 +319,7 @@ def test_video_completion_matches_engine_from_data_urls_and_local_files(server, 
             model="m", messages=user_with_video("What happens?", url), temperature=0, max_tokens=12
         )
         assert reply.choices[0].message.content == want.text
-        assert reply.usage.prompt_tokens == want.prompt_tokens == len(engine.prompt_ids(request))
+        assert reply.usage.prompt_tokens == want.prompt_tokens == len(engine.prepare(request).ids)
 
 
 def big_noise_png() -> str:

@@ -96,7 +96,7 @@ def test_each_square_reaches_its_block_and_separators_keep_their_embedding(tiny_
     model = MiniMindVLM(preset_config("tiny", vocab_size=len(tiny_tokenizer), max_tiles=4)).eval()
     engine = Engine(model, tiny_tokenizer)
     request = ChatRequest([{"role": "user", "content": "<image>\nWhat is it?"}], [coffee])
-    ids = torch.tensor([engine.prompt_ids(request)])
+    ids = torch.tensor([engine.prepare(request).ids])
     squares = model.image_processor([coffee])
     assert squares.shape[0] == 5  # 2x2 grid + thumbnail
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_exported_processor_tiles_like_the_engine(tiled_folder, tiny_tokenizer, 
                                              {"type": "image"}, {"type": "text", "text": " these."}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=images, text=text, return_tensors="pt")
-    assert inputs["input_ids"][0].tolist() == Engine(model, tokenizer).prompt_ids(request)
+    assert inputs["input_ids"][0].tolist() == Engine(model, tokenizer).prepare(request).ids
     assert inputs["pixel_values"].shape == (1, 6, 3, 64, 64)  # 5 squares of the photograph, 1 of the small image
     remote = AutoModelForCausalLM.from_pretrained(tiled_folder, trust_remote_code=True).eval()
     out = remote.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -154,7 +154,7 @@ def test_exported_processor_tiles_like_the_engine(tiled_folder, tiny_tokenizer, 
 def test_max_tiles_overrides_the_folder_and_one_reads_one_square(tiled_folder, coffee):
     model, tokenizer = load_model(load_from=str(tiled_folder), max_tiles=1)
     request = ChatRequest([{"role": "user", "content": "<image>What?"}], [coffee])
-    prompt = Engine(model, tokenizer).prompt_ids(request)
+    prompt = Engine(model, tokenizer).prepare(request).ids
     assert prompt.count(IMAGE_TOKEN_ID) == 64 and model.image_processor(coffee).shape[0] == 1
 
 

@@ -115,7 +115,22 @@ def test_the_engine_places_unmarked_videos_then_images_in_the_last_user_message(
     messages, images = engine.visuals(request)
     assert messages[0]["content"] == "Video, 2 frames:\n0.0s: <image>\n1.5s: <image><image>\nWhat happens?"
     assert [image.size for image in images] == [(64, 64)] * 3  # frames squared to the tower's side
-    ids = engine.prompt_ids(request)
+    ids = engine.prepare(request).ids
     assert ids.count(IMAGE_TOKEN_ID) == 3 * 64
     with pytest.raises(ValueError, match="no user message"):
-        engine.prompt_ids(ChatRequest([{"role": "system", "content": "Hi"}], videos=[Video(frames, [0.0, 1.5])]))
+        engine.prepare(ChatRequest([{"role": "system", "content": "Hi"}], videos=[Video(frames, [0.0, 1.5])]))
+
+
+def test_a_request_is_rendered_once_from_prompt_to_prefill(tiny_tokenizer, tiny_vlm, monkeypatch):
+    """The engine splices a request's videos once: the prefill takes the images `prepare` found."""
+    from minimind_v import generate
+    from minimind_v.generate import ChatRequest, Engine, GenerationConfig
+    from minimind_v.video import Video
+
+    calls = []
+    splice = generate.splice_videos
+    monkeypatch.setattr(generate, "splice_videos", lambda *a, **k: calls.append(1) or splice(*a, **k))
+    frames = [Image.new("RGB", (80, 40), (v, v, v)) for v in (10, 200)]
+    request = ChatRequest([{"role": "user", "content": "<video>\nWhat happens?"}], videos=[Video(frames, [0.0, 1.5])])
+    completion = Engine(tiny_vlm, tiny_tokenizer).generate([request], GenerationConfig(max_new_tokens=2))[0]
+    assert len(calls) == 1 and completion.prompt_tokens > 2 * 64

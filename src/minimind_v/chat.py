@@ -17,7 +17,15 @@ from typing import TextIO
 
 from PIL import Image
 
-from .generate import ChatRequest, Completion, Engine, GenerationConfig, inference_dtype, pack_linear_weights
+from .generate import (
+    ChatRequest,
+    Completion,
+    Engine,
+    GenerationConfig,
+    PreparedPrompt,
+    inference_dtype,
+    pack_linear_weights,
+)
 from .loading import load_model
 from .options import (
     add_dtype_argument,
@@ -60,11 +68,12 @@ def load_engine_or_exit(args) -> Engine:
 
 
 def print_reply(
-    engine: Engine, request: ChatRequest, config: GenerationConfig, out: TextIO, show_speed: bool
+    engine: Engine, request: ChatRequest, config: GenerationConfig, out: TextIO, show_speed: bool,
+    prepared: PreparedPrompt | None = None,
 ) -> Completion:
     """Stream one reply to `out` (reasoning, when there is any, under its own heading) and return it."""
     section = None
-    for event in engine.stream(request, config):
+    for event in engine.stream(request, config, prepared):
         if event.completion is not None:
             completion = event.completion
         if event.reasoning:

@@ -30,7 +30,7 @@ from .tokenizer import (
     TURN_END,
     render_chat,
 )
-from .vision import Grid, grid_tiles, image_placeholder
+from .vision import Grid, expand_image_markers, grid_tiles, image_placeholder
 
 IGNORE = -100
 
@@ -113,9 +113,7 @@ def expand_markers(messages: list[dict], grids: list[Grid], image_token_len: int
         if message.get("role") == "system" or not isinstance(content, str) or IMAGE_MARKER not in content:
             expanded.append(message)
             continue
-        pieces = content.split(IMAGE_MARKER)
-        text = pieces[0] + "".join(next(placeholders) + piece for piece in pieces[1:])
-        expanded.append({**message, "content": text})
+        expanded.append({**message, "content": expand_image_markers(content, placeholders)})
     return expanded
 
 

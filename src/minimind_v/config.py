@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 # tokenizer, the reference's `image_ids[0]`).
 IMAGE_TOKEN = "<|image_pad|>"
 IMAGE_TOKEN_ID = 12
+IMAGE_MARKER = "<image>"  # where an image goes in message text; expanded to a block of IMAGE_TOKEN
 # Ends each row of tiles of an image cut into tiles (`max_tiles` > 1): a reserved special token of every MiniMind
 # tokenizer, so the vocabulary is unchanged.
 TILE_ROW_END = "<|vision_pad|>"

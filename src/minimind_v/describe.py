@@ -108,14 +108,14 @@ def main(args) -> None:
     for path in paths:
         try:
             request, kind, prompt = request_for(path, args)
-            engine.prompt_ids(request)  # a prompt over --max_seq_len is skipped with its reason
+            prepared = engine.prepare(request)  # a prompt over --max_seq_len is skipped with its reason
         except ValueError as err:
             print(f"[skipped] {os.path.basename(path)}: {err}" if os.path.isdir(path) else f"[skipped] {err}",
                   file=sys.stderr)
             skipped.append(os.path.basename(path))
             continue
         print(f"[{kind}]: {os.path.basename(path)}\n[Q]: {prompt}\n[A]: ", end="", flush=True)
-        print_reply(engine, request, config, sys.stdout, bool(args.show_speed))
+        print_reply(engine, request, config, sys.stdout, bool(args.show_speed), prepared)
         print()
         described[kind.split()[0]] += 1
     extra = [f"{described[k]} {noun}" for k, noun in (("Video", "video(s)"), ("Images", "group(s) of images"))

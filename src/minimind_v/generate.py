@@ -638,6 +638,15 @@ class PromptTooLong(ValueError):
     """The rendered prompt exceeds the engine's `max_prompt_tokens`."""
 
 
+@dataclass
+class PreparedPrompt:
+    """A request rendered once for the decoder: its prompt ids and its images in marker order (video frames
+    spliced in), which the prefill turns into squares."""
+
+    ids: list[int]
+    images: list
+
+
 class Engine:
     """Chat-level generation for a model (on its device, eval mode) and its tokenizer."""
 
@@ -648,9 +657,9 @@ class Engine:
         self.encoder = ChatEncoder(tokenizer, getattr(model.config, "image_token_len", 0))
         self.device = next(model.parameters()).device
 
-    def prompt_ids(self, request: ChatRequest) -> list[int]:
-        """The request's generation prompt through the chat encoder (as training encodes it); ValueError when
-        markers and images disagree, PromptTooLong over the limit."""
+    def prepare(self, request: ChatRequest) -> PreparedPrompt:
+        """The request's generation prompt through the chat encoder (as training encodes it) and its images;
+        ValueError when markers and images disagree, PromptTooLong over the limit."""
         messages, images = self.visuals(request)
         processor = getattr(self.model, "image_processor", None)
         grids = [processor.grid(image) for image in images] if processor is not None else len(images)
@@ -659,7 +668,7 @@ class Engine:
         ).ids.tolist()
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the limit of {self.max_prompt_tokens}")
-        return ids
+        return PreparedPrompt(ids, images)
 
     def visuals(self, request: ChatRequest) -> tuple[list[dict], list]:
         """The request's messages and images, videos spliced in (`video.splice_videos`: each frame one
@@ -689,10 +698,9 @@ class Engine:
         padded = any(len(p) < longest for p in prompts)
         return ids.to(self.device), mask.to(self.device) if padded else None
 
-    def _pixels(self, requests: Sequence[ChatRequest]):
-        """Each request's squares (every image's thumbnail and tiles, video frames included) [N_r, 3, S, S], or
-        None without images."""
-        images = [self.visuals(r)[1] for r in requests]
+    def _pixels(self, images: Sequence[list]):
+        """Each request's squares (every image's thumbnail and tiles, video frames included) [N_r, 3, S, S] from
+        its prepared images, or None without images."""
         if not any(images):
             return None
         processor = self.model.image_processor
@@ -703,16 +711,16 @@ class Engine:
         self,
         requests: Sequence[ChatRequest],
         configs: GenerationConfig | Sequence[GenerationConfig],
-        prompts: Sequence[list[int]] | None = None,
+        prepared: Sequence[PreparedPrompt] | None = None,
         cancelled: Callable[[int], bool] | None = None,
     ) -> Iterator[StreamEvent]:
         """Decode a batch; yields new text per row as it becomes final, then one event per row with its
-        `Completion` as soon as that row ends. `prompts` are the requests' `prompt_ids` when the caller
+        `Completion` as soon as that row ends. `prepared` are the requests' `prepare` results when the caller
         already has them; a row for which `cancelled(row)` turns true stops with finish_reason "cancelled"."""
         configs = [configs] * len(requests) if isinstance(configs, GenerationConfig) else list(configs)
         batch = RunningBatch(self)
         for row, (request, config) in enumerate(zip(requests, configs)):
-            batch.add(row, request, config, None if prompts is None else prompts[row])
+            batch.add(row, request, config, None if prepared is None else prepared[row])
         while batch:
             yield from batch.step(cancelled)
 
@@ -726,9 +734,11 @@ class Engine:
                 results[event.row] = event.completion
         return results
 
-    def stream(self, request: ChatRequest, config: GenerationConfig) -> Iterator[StreamEvent]:
-        """The events of one request: answer/reasoning deltas, then its `Completion`."""
-        yield from self.run([request], config)
+    def stream(self, request: ChatRequest, config: GenerationConfig,
+               prepared: PreparedPrompt | None = None) -> Iterator[StreamEvent]:
+        """The events of one request (`prepared`: its `prepare` result, if the caller has it): answer/reasoning
+        deltas, then its `Completion`."""
+        yield from self.run([request], config, None if prepared is None else [prepared])
 
 
 @dataclass
@@ -738,7 +748,7 @@ class Reply:
     key: int
     request: ChatRequest
     config: GenerationConfig
-    prompt: list[int]
+    prompt: PreparedPrompt
     stream: TextStream
     splitter: ThinkingSplitter
     start: float
@@ -758,10 +768,11 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.replies) + len(self.waiting)
 
-    def add(self, key: int, request: ChatRequest, config: GenerationConfig, prompt: list[int] | None = None) -> None:
-        """Queue `request` (its `prompt_ids` when the caller already has them) for the next step; its events carry
-        `key` as their row."""
-        prompt = self.engine.prompt_ids(request) if prompt is None else prompt
+    def add(self, key: int, request: ChatRequest, config: GenerationConfig,
+            prompt: PreparedPrompt | None = None) -> None:
+        """Queue `request` (its `Engine.prepare` result when the caller already has it) for the next step; its
+        events carry `key` as their row."""
+        prompt = self.engine.prepare(request) if prompt is None else prompt
         self.waiting.append(
             Reply(
                 key,
@@ -778,10 +789,9 @@ class RunningBatch:
         """Prefill the waiting requests and decode one token of every other: the new text of each, and a
         `Completion` for each that ended (or for which `cancelled(key)` turned true)."""
         if self.waiting:
-            ids, mask = self.engine._batch([r.prompt for r in self.waiting])
-            self.decoder.join(
-                ids, mask, [r.config for r in self.waiting], self.engine._pixels([r.request for r in self.waiting])
-            )
+            ids, mask = self.engine._batch([r.prompt.ids for r in self.waiting])
+            pixels = self.engine._pixels([r.prompt.images for r in self.waiting])
+            self.decoder.join(ids, mask, [r.config for r in self.waiting], pixels)
             self.replies += self.waiting
             self.waiting = []
         events, kept = [], []
@@ -812,7 +822,7 @@ class RunningBatch:
             reasoning=reasoning,
             token_ids=list(stream.ids),
             finish_reason=reason,
-            prompt_tokens=len(reply.prompt),
+            prompt_tokens=len(reply.prompt.ids),
             completion_tokens=len(stream.ids) + int(ended_by_eos),
             seconds=time.perf_counter() - reply.start,
         )

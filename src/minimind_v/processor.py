@@ -18,10 +18,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin, SiglipImageProcessorPil
 
-from .config import VLMConfig
-from .vision import ImagePreprocessor, image_placeholder
-
-IMAGE_MARKER = "<image>"  # the same marker as `tokenizer.IMAGE_MARKER`, which this module may not import
+from .config import IMAGE_MARKER, VLMConfig
+from .vision import ImagePreprocessor, expand_image_markers, image_placeholder
 
 # Put in front of a chat template: messages whose content is a list of parts are rewritten with a string content,
 # text parts as they are and each image part as `{image}`, so any template written for string contents renders
@@ -107,9 +105,8 @@ class MiniMindVProcessor(ProcessorMixin):
 
     def _expand(self, text: str, images: list[Image.Image]) -> str:
         """Each marker of `text` replaced by the placeholder of its image, in order."""
-        pieces = text.split(IMAGE_MARKER)
-        placeholders = [image_placeholder(self.preprocess.grid(image), self.image_token_len) for image in images]
-        return pieces[0] + "".join(p + piece for p, piece in zip(placeholders, pieces[1:]))
+        return expand_image_markers(
+            text, (image_placeholder(self.preprocess.grid(image), self.image_token_len) for image in images))
 
     def _image_rows(self, images, counts: list[int]) -> list[list[Image.Image]]:
         """Images grouped by prompt, checked against the markers of each prompt."""

@@ -32,7 +32,16 @@ from typing import Annotated, Any, BinaryIO
 from PIL import Image
 
 from .chat import load_engine_or_exit
-from .generate import ChatRequest, Completion, Engine, GenerationConfig, PromptTooLong, RunningBatch, StreamEvent
+from .generate import (
+    ChatRequest,
+    Completion,
+    Engine,
+    GenerationConfig,
+    PreparedPrompt,
+    PromptTooLong,
+    RunningBatch,
+    StreamEvent,
+)
 from .options import add_dtype_argument, add_model_arguments, add_vision_input_arguments
 from .tokenizer import IMAGE_MARKER
 from .video import VIDEO_MARKER, Video, VideoError, load_video
@@ -367,7 +376,7 @@ class Job:
     """One request in flight. The worker thread sends it StreamEvents, or an ApiError when its batch failed."""
 
     parsed: Parsed
-    prompt: list[int]
+    prompt: PreparedPrompt
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -664,7 +673,7 @@ class Api:
                     "too_many_visual_tokens",
                 )
         try:
-            prompt = self.worker.engine.prompt_ids(parsed.request)
+            prompt = self.worker.engine.prepare(parsed.request)
         except PromptTooLong as err:
             raise ApiError(str(err), "messages", "context_length_exceeded") from err
         except ValueError as err:  # the chat encoder's EncodingError: a template that cannot render the messages

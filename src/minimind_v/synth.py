@@ -89,9 +89,6 @@ TASK_QUESTION_TYPES = {
     "video": ("motion", "turn", "appear"),
 }
 DETAIL_SCALE = (4, 3)  # default details canvas in multiples of image_size: 256x192 for the demo's 64
-# Radius of a details shape in image_size units before its kind's EQUAL_AREA factor: read as one image_size square
-# (x/4, y/3) a shape spans ~2 pixels and its kind is near chance; in 2x2 tiles (x/2, y/2/3) it is read (tests).
-DETAIL_RADIUS = 0.045
 VIDEO_RADIUS = (0.08, 0.1)  # video shapes, in image_size units
 VIDEO_TRAVEL = 0.2  # the moving shape goes this many image_sizes either side of its mid-video place
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -142,6 +139,10 @@ class SynthConfig:
     task: str = "shapes"  # one of TASKS
     width: int = 0  # details: the canvas; 0 = DETAIL_SCALE times image_size
     height: int = 0
+    # details: a shape's radius in image_size units before its kind's EQUAL_AREA factor. At 0.045 read as one
+    # image_size square (x/4, y/3) a shape spans ~2 pixels and its kind is near chance; in 2x2 tiles (x/2, y/2) it
+    # is read (tests). 0.3 makes shapes ~19 pixels wide in 2x2 tiles, about the shapes task's size.
+    detail_radius: float = 0.045
     images_shown: str = "all"  # multi: all (both images) or first (the first image and its marker only)
     frames: int = 8  # video: frames per video
 
@@ -585,7 +586,7 @@ def detail_shapes(rng: np.random.Generator, held_out: bool, config: SynthConfig)
     width, height = config.canvas()
     shapes = []
     for cell, kind, colour in sorted(_held_out_layout(rng, held_out, draw)):
-        radius = DETAIL_RADIUS * config.image_size * rng.uniform(0.85, 1.0) * EQUAL_AREA[kind]
+        radius = config.detail_radius * config.image_size * rng.uniform(0.85, 1.0) * EQUAL_AREA[kind]
         left, top = (cell % 2) * width / 2, (cell // 2) * height / 2
         x = rng.uniform(left + radius + 1, left + width / 2 - radius - 1)
         y = rng.uniform(top + radius + 1, top + height / 2 - radius - 1)
@@ -1063,6 +1064,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"details: image width (default {DETAIL_SCALE[0]} x --image_size)")
     parser.add_argument("--height", type=int, default=0,
                         help=f"details: image height (default {DETAIL_SCALE[1]} x --image_size)")
+    parser.add_argument("--detail_radius", type=float, default=SynthConfig.detail_radius,
+                        help="details: a shape's radius in --image_size units (default %(default)s: ~3 pixels wide "
+                             "in 2x2 tiles of 64-pixel squares, ~2 in one square; 0.3: ~19 and ~10-13)")
     parser.add_argument("--images_shown", choices=["all", "first"], default="all",
                         help="multi: first keeps only each row's first image and its marker, questions unchanged "
                              "(the control for what the second image adds)")
@@ -1106,14 +1110,22 @@ def _check_task(args, config: SynthConfig) -> None:
                          f"{' '.join(args.files)})")
     if task != "shapes" and args.think:
         raise SystemExit("data synth: --think is for --task shapes")
+    if args.detail_radius != SynthConfig.detail_radius and task != "details":
+        raise SystemExit("data synth: --detail_radius is for --task details")
     if args.images_shown != "all" and task != "multi":
         raise SystemExit("data synth: --images_shown is for --task multi")
     if task == "details":
         width, height = config.canvas()
-        largest = DETAIL_RADIUS * config.image_size * max(EQUAL_AREA.values())
-        if min(width, height) < config.image_size or min(width, height) / 2 < 2 * largest + 4:
+        largest = config.detail_radius * config.image_size * max(EQUAL_AREA.values())
+        if min(width, height) < config.image_size:
             raise SystemExit(f"data synth: --width and --height must be at least --image_size ({config.image_size}); "
                              f"got {width}x{height}")
+        if config.detail_radius <= 0:
+            raise SystemExit(f"data synth: --detail_radius must be positive (got {config.detail_radius})")
+        if min(width, height) / 2 < 2 * largest + 4:
+            raise SystemExit(f"data synth: --detail_radius {config.detail_radius} does not fit a quarter of the "
+                             f"{width}x{height} canvas (a shape's diameter, {2 * largest:.0f} pixels, plus 4 must fit "
+                             "half the shorter side)")
     if task == "multi" and "more" in config.question_types() and args.max_shapes < 3:
         raise SystemExit("data synth: multi's \"more\" questions need --max_shapes 3 or more")
     if task == "video":
@@ -1131,7 +1143,8 @@ def main(args) -> None:
                          texture=args.texture, image_format=args.image_format, seed=args.seed,
                          kinds=tuple(args.kinds), colours=tuple(args.colours), max_shapes=args.max_shapes,
                          asked_types=tuple(dict.fromkeys(asked)), think=bool(args.think), task=args.task,
-                         width=args.width, height=args.height, images_shown=args.images_shown, frames=args.frames)
+                         width=args.width, height=args.height, detail_radius=args.detail_radius,
+                         images_shown=args.images_shown, frames=args.frames)
     _check(args, config)
     files = args.files or (DEFAULT_FILES if args.task == "shapes" else TASK_FILES)
     pretrain = args.train_rows if args.pretrain_rows is None else args.pretrain_rows

@@ -13,9 +13,8 @@ from collections.abc import Iterable, Iterator
 
 from transformers import PreTrainedTokenizerFast
 
-from .config import IMAGE_TOKEN, IMAGE_TOKEN_ID
+from .config import IMAGE_MARKER, IMAGE_TOKEN, IMAGE_TOKEN_ID
 
-IMAGE_MARKER = "<image>"  # where an image goes in message text; expanded to a block of IMAGE_TOKEN
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ASSISTANT_HEADER = IM_START + "assistant\n"  # the reference label rule supervises from after this ...
 TURN_END = IM_END + "\n"  # ... through this

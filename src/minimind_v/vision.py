@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from .config import IMAGE_TOKEN, TILE_ROW_END
+from .config import IMAGE_MARKER, IMAGE_TOKEN, TILE_ROW_END
 
 SIGLIP2_HUB_ID = "jingyaogong/siglip2-base-p32-256-ve"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -146,6 +146,12 @@ def image_placeholder(grid: Grid, image_token_len: int) -> str:
     if rows * cols == 1:
         return block
     return block + (block * cols + TILE_ROW_END) * rows
+
+
+def expand_image_markers(text: str, placeholders: Iterator[str]) -> str:
+    """Each `<image>` of `text` replaced, in order, by the next of `placeholders` (`image_placeholder`s)."""
+    pieces = text.split(IMAGE_MARKER)
+    return pieces[0] + "".join(next(placeholders) + piece for piece in pieces[1:])
 
 
 class ImagePreprocessor:
