@@ -22,6 +22,7 @@ import time
 
 from minimind_v.cli import main as cli_main
 from minimind_v.demo import init_std
+from minimind_v.synth import SynthConfig
 
 
 def variants(args) -> list[tuple[str, list[str], list[str]]]:
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--sft_steps", type=int, default=900)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu_dtype", default="auto")
-    parser.add_argument("--detail_radius", type=float, default=0.045,
+    parser.add_argument("--detail_radius", type=float, default=SynthConfig.detail_radius,
                         help="details: the shapes' radius in --image_size units (data synth --detail_radius)")
     parser.add_argument("--video_frames", type=int, default=8, help="video: frames sampled from the 8 of each video")
     args = parser.parse_args()
