@@ -2,13 +2,15 @@
 feature, with and without it, at the same budget (steps, batch, learning rate, seed), and score both on the
 task's held-out split with a blind control.
 
-    python benchmarks/feature_ablation.py --task details --out_dir ablation   # tiles (--max_tiles 4) vs one square
+    python benchmarks/feature_ablation.py --task details --detail_radius 0.2 --out_dir ablation  # --max_tiles 4 vs 1
     python benchmarks/feature_ablation.py --task multi --out_dir ablation     # both images vs the first alone
     python benchmarks/feature_ablation.py --task video --out_dir ablation     # --video_frames 8 vs the middle frame
 
 Every step is an ordinary `minimind-v` command, printed before it runs: `data synth --task T`, `train-tokenizer`,
-then for each variant `train vlm-pretrain` (captions) and `train vlm-sft` (questions) from random weights with a
-random `--vision_model random:small` tower that trains, and `eval --blind`. The last line is one comparable row.
+then the tower both variants start from (`--tower_steps` of `train vlm-pretrain` on the shapes task's captions,
+as a real tower has seen photographs before it meets a task; 0: a random `random:small` tower), then for each
+variant `train vlm-pretrain` (captions) and `train vlm-sft` (questions) from a random decoder with that tower,
+which keeps training, and `eval --blind`. The last line is one comparable row.
 """
 
 from __future__ import annotations
@@ -55,27 +57,53 @@ def variant_data(args, name: str, synth_flags: list[str]) -> str:
     return folder
 
 
-def train_and_eval(args, name: str, data: str, tokenizer: str, flags: list[str]) -> dict:
-    """vlm-pretrain then vlm-sft from random weights, then the held-out eval; the eval summary and seconds."""
-    work = os.path.join(args.out_dir, args.task, name.replace(" ", "_"))
-    model = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
-             "--tokenizer", tokenizer]
-    common = model + flags + [
-        "--batch_size", str(args.batch_size), "--device", args.device, "--cpu_dtype", args.cpu_dtype,
-        "--out_dir", os.path.join(work, "model"), "--checkpoint_dir", os.path.join(work, "checkpoints"),
-        "--log_dir", os.path.join(work, "runs"), "--initializer_range", str(init_std(args.hidden_size)),
-        "--seed", str(args.seed), "--epochs", "100", "--log_interval", "50", "--save_interval", "100000",
-        "--add_system_ratio", "0", "--empty_think_ratio", "1", "--train_vision", "1", "--freeze_llm", "0",
-        "--max_seq_len", str(args.max_seq_len), "--num_workers", "1", "--learning_rate", str(args.learning_rate),
-        "--warmup_steps", "50",
+def common_flags(args, work: str, tokenizer: str) -> list[str]:
+    """The model, data and optimiser flags of every training run in `work` (the same budget for both variants)."""
+    return [
+        "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
+        "--tokenizer", tokenizer, "--batch_size", str(args.batch_size), "--device", args.device,
+        "--cpu_dtype", args.cpu_dtype, "--num_threads", str(args.num_threads), "--out_dir", os.path.join(work, "model"),
+        "--checkpoint_dir", os.path.join(work, "checkpoints"), "--log_dir", os.path.join(work, "runs"),
+        "--initializer_range", str(init_std(args.hidden_size)), "--seed", str(args.seed), "--epochs", "100",
+        "--log_interval", "50", "--save_interval", "100000", "--add_system_ratio", "0", "--empty_think_ratio", "1",
+        "--train_vision", "1", "--freeze_llm", "0", "--max_seq_len", str(args.max_seq_len), "--num_workers", "1",
+        "--learning_rate", str(args.learning_rate), "--warmup_steps", "50",
     ]
+
+
+def shapes_tower(args, tokenizer: str) -> str:
+    """The tower both variants start from: `random:small`, or (--tower_steps) that tower after vlm-pretrain on
+    the captions of the shapes task (64x64 scenes of the demo), whose decoder is dropped. Trained once."""
+    if not args.tower_steps:
+        return "random:small"
+    work = os.path.join(args.out_dir, args.task, f"tower_{args.tower_steps}")
+    tower = os.path.join(work, "model", f"tower_{args.hidden_size}_vision")
+    if os.path.isdir(tower):
+        return tower
+    data = os.path.join(args.out_dir, "shapes_data")
+    if not os.path.isfile(os.path.join(data, "vlm_pretrain.parquet")):
+        run(["data", "synth", "--out_dir", data, "--files", "vlm_pretrain", "--train_rows", str(args.train_rows),
+             "--lang", "en", "--seed", str(args.seed)])
+    run(["train", "vlm-pretrain", "--data_path", os.path.join(data, "vlm_pretrain.parquet"), "--from_weight", "none",
+         "--vision_model", "random:small", "--save_weight", "tower", "--max_steps", str(args.tower_steps)]
+        + common_flags(args, work, tokenizer))
+    return tower
+
+
+def train_and_eval(args, name: str, data: str, tokenizer: str, tower: str, flags: list[str]) -> dict:
+    """vlm-pretrain then vlm-sft from a random decoder and `tower`, then the held-out eval; the eval summary and
+    seconds."""
+    work = os.path.join(args.out_dir, args.task, name.replace(" ", "_"))
+    common = common_flags(args, work, tokenizer) + flags
     seconds = run(["train", "vlm-pretrain", "--data_path", os.path.join(data, "vlm_pretrain.parquet"),
-                   "--from_weight", "none", "--vision_model", "random:small",
+                   "--from_weight", "none", "--vision_model", tower,
                    "--max_steps", str(args.pretrain_steps)] + common)
     seconds += run(["train", "vlm-sft", "--data_path", os.path.join(data, "vlm_sft.parquet"),
                     os.path.join(data, "vlm_pretrain.parquet"), "--from_weight", "pretrain_vlm",
                     "--max_steps", str(args.sft_steps)] + common)
     out = os.path.join(work, "eval.json")
+    model = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
+             "--tokenizer", tokenizer]
     run(["eval", "--data_path", os.path.join(data, "vlm_test.parquet"), "--train_path",
          os.path.join(data, "vlm_sft.parquet"), "--blind", "--out", out, "--save_dir", os.path.join(work, "model"),
          "--weight", "sft_vlm", "--device", args.device, *model, *flags])
@@ -99,9 +127,13 @@ def main() -> None:
     parser.add_argument("--sft_steps", type=int, default=900)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu_dtype", default="auto")
+    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads of each training run (0: every core)")
     parser.add_argument("--detail_radius", type=float, default=SynthConfig.detail_radius,
                         help="details: the shapes' radius in --image_size units (data synth --detail_radius)")
     parser.add_argument("--video_frames", type=int, default=8, help="video: frames sampled from the 8 of each video")
+    parser.add_argument("--tower_steps", type=int, default=600,
+                        help="steps of vlm-pretrain on the shapes task's captions that train the tower both variants "
+                             "start from (0: a random tower; from zero it did not learn the details and video images)")
     args = parser.parse_args()
     compared = variants(args)
     folders = [variant_data(args, name, synth) for name, synth, _ in compared]
@@ -109,9 +141,10 @@ def main() -> None:
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
         run(["train-tokenizer", "--data_path", os.path.join(folders[0], "vlm_pretrain.parquet"),
              os.path.join(folders[0], "vlm_sft.parquet"), "--out_dir", tokenizer, "--vocab_size", "1000"])
-    results = [(name, train_and_eval(args, name, folder, tokenizer, flags))
+    tower = shapes_tower(args, tokenizer)
+    results = [(name, train_and_eval(args, name, folder, tokenizer, tower, flags))
                for (name, _, flags), folder in zip(compared, folders)]
-    print(f"\n{args.task}: {args.pretrain_steps} + {args.sft_steps} steps of batch {args.batch_size}, "
+    print(f"\n{args.task}: tower {tower}, {args.pretrain_steps} + {args.sft_steps} steps of batch {args.batch_size}, "
           f"{args.hidden_size}x{args.num_hidden_layers}, seed {args.seed}", file=sys.stderr)
     types = sorted(results[0][1].get("per_type", {}))
     print("| variant | held-out accuracy | blind | majority | " + " | ".join(types) + " | training minutes |")

@@ -8,7 +8,9 @@ packed data path and with a baseline that mimics the reference data path (every 
 
 The data imitates the reference SFT set: one 256x256 JPEG per sample and conversations whose token count
 (64 image tokens included) is uniform in [--min_tokens, --max_tokens], about 250 on average by default.
-Both modes run the real trainer; throughput is measured over the steps after --warmup.
+Both modes run the real trainer; throughput is measured over the steps after --warmup. `--malloc default`
+leaves glibc's malloc as it is (the trainer otherwise keeps freed blocks for reuse on a CPU): run it and the
+default in turns for an A/B.
 """
 
 from __future__ import annotations
@@ -136,7 +138,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="CUDA precision")
     parser.add_argument("--cpu_dtype", default="auto", help="CPU precision (auto: bf16 where the CPU has it natively)")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: the trainer's CPU setting (glibc keeps freed blocks for reuse); default: glibc's "
+                             "own, for an A/B in separate processes")
     args = parser.parse_args()
+    if args.malloc == "default":
+        train.keep_freed_memory = lambda: False
     tokenizer = load_tokenizer(args.tokenizer)
     with tempfile.TemporaryDirectory() as folder:
         dataset = os.path.join(folder, "sft.parquet")
@@ -145,7 +152,7 @@ def main() -> None:
             f"CPU, {torch.get_num_threads()} threads"
         print(f"vlm-sft {args.hidden_size}x{args.num_hidden_layers}, tower {args.vision_model}, batch "
               f"{args.batch_size}, max_seq_len {args.max_seq_len}, {mean_tokens:.0f} tokens per sample on average, "
-              f"{device}, torch {torch.__version__}", flush=True)
+              f"{device}, malloc {args.malloc}, torch {torch.__version__}", flush=True)
         results = []
         for mode in args.modes:
             started = time.time()
