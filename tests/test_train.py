@@ -370,7 +370,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_activations_are_reused_without_page_faults():
     """CPU training sets glibc's malloc to keep freed blocks: a step's activations, freed and allocated again,
-    then cost no page faults (glibc's default trims the heap and faults them in again every step)."""
+    then cost next to no page faults (glibc's default trims the heap and faults them in again every step)."""
     run = subprocess.run([sys.executable, "-c", FREE_AND_ALLOCATE_AGAIN, "keep"], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
-    assert int(run.stdout.split()[-1]) < 50, run.stdout
+    assert int(run.stdout.split()[-1]) < 2000, run.stdout  # 0 or a few hundred here; glibc's default ~150000
