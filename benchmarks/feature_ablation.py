@@ -57,12 +57,17 @@ def variant_data(args, name: str, synth_flags: list[str]) -> str:
     return folder
 
 
+def model_flags(args, tokenizer: str) -> list[str]:
+    """The flags that build the model, for training and for eval."""
+    return ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
+            "--tokenizer", tokenizer, "--device", args.device]
+
+
 def common_flags(args, work: str, tokenizer: str) -> list[str]:
     """The model, data and optimiser flags of every training run in `work` (the same budget for both variants)."""
-    return [
-        "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
-        "--tokenizer", tokenizer, "--batch_size", str(args.batch_size), "--device", args.device,
-        "--cpu_dtype", args.cpu_dtype, "--num_threads", str(args.num_threads), "--out_dir", os.path.join(work, "model"),
+    return model_flags(args, tokenizer) + [
+        "--batch_size", str(args.batch_size), "--cpu_dtype", args.cpu_dtype, "--num_threads", str(args.num_threads),
+        "--out_dir", os.path.join(work, "model"),
         "--checkpoint_dir", os.path.join(work, "checkpoints"), "--log_dir", os.path.join(work, "runs"),
         "--initializer_range", str(init_std(args.hidden_size)), "--seed", str(args.seed), "--epochs", "100",
         "--log_interval", "50", "--save_interval", "100000", "--add_system_ratio", "0", "--empty_think_ratio", "1",
@@ -102,11 +107,9 @@ def train_and_eval(args, name: str, data: str, tokenizer: str, tower: str, flags
                     os.path.join(data, "vlm_pretrain.parquet"), "--from_weight", "pretrain_vlm",
                     "--max_steps", str(args.sft_steps)] + common)
     out = os.path.join(work, "eval.json")
-    model = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
-             "--tokenizer", tokenizer]
     run(["eval", "--data_path", os.path.join(data, "vlm_test.parquet"), "--train_path",
          os.path.join(data, "vlm_sft.parquet"), "--blind", "--out", out, "--save_dir", os.path.join(work, "model"),
-         "--weight", "sft_vlm", "--device", args.device, *model, *flags])
+         "--weight", "sft_vlm", *model_flags(args, tokenizer), *flags])
     with open(out, encoding="utf-8") as f:
         return {**json.load(f), "train_seconds": seconds}
 

@@ -349,10 +349,9 @@ def test_external_logger_gets_the_metrics_and_the_resumed_run_id(chain, tmp_path
 
 
 FREE_AND_ALLOCATE_AGAIN = """
-import resource, sys, torch
+import resource, torch
 from minimind_v.train import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+assert keep_freed_memory()
 
 def step():  # a step's activations: allocated in the forward, all freed after the backward
     kept = [torch.ones(32, 82, 448) for _ in range(16)] + [torch.ones(32, 82, 128) for _ in range(40)]
@@ -371,6 +370,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_activations_are_reused_without_page_faults():
     """CPU training sets glibc's malloc to keep freed blocks: a step's activations, freed and allocated again,
     then cost next to no page faults (glibc's default trims the heap and faults them in again every step)."""
-    run = subprocess.run([sys.executable, "-c", FREE_AND_ALLOCATE_AGAIN, "keep"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", FREE_AND_ALLOCATE_AGAIN], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
     assert int(run.stdout.split()[-1]) < 2000, run.stdout  # 0 or a few hundred here; glibc's default ~150000

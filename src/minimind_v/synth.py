@@ -141,7 +141,7 @@ class SynthConfig:
     height: int = 0
     # details: a shape's radius in image_size units before its kind's EQUAL_AREA factor. At 0.045 read as one
     # image_size square (x/4, y/3) a shape spans ~2 pixels and its kind is near chance; in 2x2 tiles (x/2, y/2) it
-    # is read (tests). 0.3 makes shapes ~19 pixels wide in 2x2 tiles, about the shapes task's size.
+    # is read (tests). 0.2 makes shapes ~13 pixels wide in 2x2 tiles and ~6 in one square.
     detail_radius: float = 0.045
     images_shown: str = "all"  # multi: all (both images) or first (the first image and its marker only)
     frames: int = 8  # video: frames per video
@@ -1066,7 +1066,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"details: image height (default {DETAIL_SCALE[1]} x --image_size)")
     parser.add_argument("--detail_radius", type=float, default=SynthConfig.detail_radius,
                         help="details: a shape's radius in --image_size units (default %(default)s: ~3 pixels wide "
-                             "in 2x2 tiles of 64-pixel squares, ~2 in one square; 0.3: ~19 and ~10-13)")
+                             "in 2x2 tiles of 64-pixel squares, ~2 in one square; 0.2: ~13 and ~6)")
     parser.add_argument("--images_shown", choices=["all", "first"], default="all",
                         help="multi: first keeps only each row's first image and its marker, questions unchanged "
                              "(the control for what the second image adds)")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import os
 import signal
 
@@ -219,7 +218,7 @@ def keep_freed_memory() -> bool:
     in the next forward; by default the freed top of the heap is trimmed and large blocks are fresh mappings, so
     every step page-faults its activations in again. Returns whether it applied (glibc only)."""
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the symbols already loaded, libc's among them; no library search
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
