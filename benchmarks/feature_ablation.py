@@ -4,7 +4,7 @@ task's held-out split with a blind control.
 
     python benchmarks/feature_ablation.py --task details --detail_radius 0.2 --out_dir ablation  # --max_tiles 4 vs 1
     python benchmarks/feature_ablation.py --task multi --out_dir ablation     # both images vs the first alone
-    python benchmarks/feature_ablation.py --task video --out_dir ablation     # --video_frames 8 vs the middle frame
+    python benchmarks/feature_ablation.py --task video --video_frames 4 --out_dir ablation  # 4 frames vs the middle one
 
 Every step is an ordinary `minimind-v` command, printed before it runs: `data synth --task T`, `train-tokenizer`,
 then the tower both variants start from (`--tower_steps` of `train vlm-pretrain` on the shapes task's captions,

@@ -393,8 +393,7 @@ def test_task_test_layouts_are_held_out(task):
         if task == "multi":
             return [synth.layout_key((s.cell, s.kind, s.colour) for s in shapes) for shapes in scene.scenes]
         if task == "video":
-            roles = {"move": lambda t: f"move {t.direction}", "turn": lambda t: f"turn {t.new_colour}"}
-            return [synth.layout_key((roles.get(t.role, lambda t: t.role)(t), t.kind, t.colour) for t in scene)]
+            return [synth.layout_key(t.layout() for t in scene)]
         return [synth.layout_key((s.cell, s.kind, s.colour) for s in scene)]
 
     for file, held_out in (("vlm_test", True), ("vlm_sft", False), ("vlm_pretrain", False)):
@@ -494,37 +493,48 @@ def test_multi_answers_need_the_second_image(tmp_path):
 
 
 def test_video_middle_frame_does_not_give_the_answer():
-    """What the middle frame shows (where the moving shape is, the turning shape's colour, the kinds in view)
-    predicts few answers: the best table from it, fitted on training rows, scores near chance on held-out rows.
-    Every event happens in the frames."""
+    """What the middle frame shows (which side of the lines between the cells the mover is on, the turner's colour,
+    the kinds in view) predicts few answers: the best table from it, fitted on training rows, scores about half on
+    motion (the axis shows, the direction does not) and near chance on the rest of the held-out rows, while the
+    first and last frames answer every question. A mover at constant speed would be 2 pixels past the line towards
+    its goal in frame 4 of 8: this table read its direction from that 93% of the time."""
     config = synth.SynthConfig(task="video", lang="en")
     frames = config.frames
-    middle = synth.middle_frames(frames)
+    middle = synth.middle_frames(frames)[-1]  # the frame a one-frame sample shows (`--video_frames 1`)
 
     def seen(question_type: str, tracks) -> tuple:
-        shown = [t.at(middle[-1], frames) for t in tracks]
-        by_role = dict(zip((t.role for t in tracks), shown))
+        shown = {t.role: t.at(middle, frames) for t in tracks}
         if question_type == "motion":
-            return tuple(int(v // 8) for v in (by_role["move"].x, by_role["move"].y))
+            x, y = shown["move"].x - 32, shown["move"].y - 32  # from the lines between the cells
+            return abs(x) < abs(y), x > 0, y > 0
         if question_type == "turn":
-            return (by_role["turn"].colour,)
-        return tuple(sorted(s.kind for s in shown if s is not None))
+            return (shown["turn"].colour,)
+        return tuple(sorted(s.kind for s in shown.values() if s is not None))
+
+    def answer_from_ends(question_type: str, question: str, tracks) -> str:
+        first, last = ({t.role: t.at(k, frames) for t in tracks} for k in (0, frames - 1))
+        if question_type == "motion":
+            dx, dy = last["move"].x - first["move"].x, last["move"].y - first["move"].y
+            return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        if question_type == "turn":
+            return last["turn"].colour
+        assert first["appear"] is None and synth.POSITIONS[last["appear"].cell] in question
+        return last["appear"].kind
 
     table: dict[tuple, Counter] = defaultdict(Counter)
     for _, tracks, asked in task_rows(config, "vlm_sft", 3000):
         for question_type, _, answer in asked:
             table[question_type, seen(question_type, tracks)][answer] += 1
-            turn = next(t for t in tracks if t.role == "turn")
-            assert all(t.at(k, frames).colour == t.colour for k in middle for t in [turn])
     hits = Counter()
     for _, tracks, asked in task_rows(config, "vlm_test", 600):
-        (question_type, _, answer), = asked
+        (question_type, question, answer), = asked
+        assert answer_from_ends(question_type, question, tracks) == answer
         guess = table.get((question_type, seen(question_type, tracks)))
         hits[question_type, guess is not None and guess.most_common(1)[0][0] == answer] += 1
-        assert all(t.at(frames - 1, frames) is not None for t in tracks)
+    ceilings = {"motion": 0.6, "turn": 0.4, "appear": 0.4}
     for question_type in synth.TASK_QUESTION_TYPES["video"]:
         rate = hits[question_type, True] / (hits[question_type, True] + hits[question_type, False])
-        assert rate < 0.4, (question_type, rate)
+        assert rate < ceilings[question_type], (question_type, rate)
 
 
 def test_task_arguments_are_checked(tmp_path):

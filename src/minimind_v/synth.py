@@ -89,9 +89,8 @@ TASK_QUESTION_TYPES = {
     "video": ("motion", "turn", "appear"),
 }
 DETAIL_SCALE = (4, 3)  # default details canvas in multiples of image_size: 256x192 for the demo's 64
-VIDEO_RADIUS = (0.08, 0.1)  # video shapes, in image_size units
-VIDEO_TRAVEL = 0.2  # the moving shape goes this many image_sizes either side of its mid-video place
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+CELL_STEPS = {direction: ux + 2 * uy for direction, (ux, uy) in MOTIONS.items()}  # a move's change of cell index
 MOTION_ZH = {"left": "向左", "right": "向右", "up": "向上", "down": "向下"}
 ORDINALS = {"en": ("first", "second"), "zh": ("第一张", "第二张")}
 COUNT_WORDS = {"en": ("zero",) + EN_NUMBERS, "zh": ("零个",) + ZH_NUMBERS}
@@ -187,14 +186,17 @@ def sample_shapes(rng: np.random.Generator, count: int, held_out: bool, config: 
         if is_held_out(layout_key(layout)) == held_out:
             break
     half_cell = config.image_size / 4
-    shapes = []
-    for cell, kind, colour in sorted(layout):
-        radius = half_cell * rng.uniform(0.7, 0.9)
-        room = half_cell - radius - 1  # the shape never leaves its cell
-        x = (2 * (cell % 2) + 1) * half_cell + rng.uniform(-room, room)
-        y = (2 * (cell // 2) + 1) * half_cell + rng.uniform(-room, room)
-        shapes.append(Shape(kind, colour, cell, float(x), float(y), float(radius)))
-    return tuple(shapes)
+    return tuple(Shape(kind, colour, cell, *_place_in_cell(rng, cell, half_cell))
+                 for cell, kind, colour in sorted(layout))
+
+
+def _place_in_cell(rng: np.random.Generator, cell: int, half_cell: float) -> tuple[float, float, float]:
+    """(x, y, radius) of a shape at a random size and offset that never leaves its cell."""
+    radius = half_cell * rng.uniform(0.7, 0.9)
+    room = half_cell - radius - 1
+    x = (2 * (cell % 2) + 1) * half_cell + rng.uniform(-room, room)
+    y = (2 * (cell // 2) + 1) * half_cell + rng.uniform(-room, room)
+    return float(x), float(y), float(radius)
 
 
 def _outline(shape: Shape, scale: float) -> list[tuple[float, float]]:
@@ -564,7 +566,7 @@ def _plural(kind: str) -> str:
 
 
 def _held_out_layout(rng: np.random.Generator, held_out: bool, draw: Callable) -> list:
-    """`draw(rng)` -> a layout (cell or role, kind, colour) triples, redrawn until it falls in the split."""
+    """`draw(rng)` -> a layout (cell, kind, colour) triples, redrawn until it falls in the split."""
     while True:
         layout = draw(rng)
         if is_held_out(layout_key(layout)) == held_out:
@@ -686,12 +688,14 @@ def multi_caption(pair: Pair, lang: str, config: SynthConfig) -> str:
 
 @dataclass(frozen=True)
 class Track:
-    """One shape of a video. `role`: move (from (x, y) to (x + dx, y + dy) at a constant speed over the frames),
-    turn (`new_colour` from frame `frame` on), appear (visible from frame `frame` on) or still."""
+    """One shape of a video, starting in `cell` at (x, y). `role`: move (by (dx, dy), into the next cell, at a
+    constant speed over the frames), turn (`new_colour` from frame `frame` on) or appear (visible from frame
+    `frame` on)."""
 
     role: str
     kind: str
     colour: str
+    cell: int
     x: float
     y: float
     radius: float
@@ -704,13 +708,23 @@ class Track:
     def direction(self) -> str:
         return next(d for d, (ux, uy) in MOTIONS.items() if (np.sign(self.dx), np.sign(self.dy)) == (ux, uy))
 
+    def layout(self) -> tuple[str, str, str]:
+        """(role with its cell and change, kind, colour): what the held-out split hashes, sizes and times aside."""
+        change = self.direction if self.role == "move" else self.new_colour
+        return f"{self.role} {self.cell} {change}", self.kind, self.colour
+
     def at(self, frame: int, frames: int) -> Shape | None:
-        """The shape in frame `frame` of `frames` (cell -1: videos have no cells), None while not yet there."""
+        """The shape in frame `frame` of `frames`, None while not yet there. A mover covers the first half of its
+        way by the (first) middle frame and stays there until the second: the middle frames show it on the line
+        between its cells, as far from either as its offset inside them, whichever way it goes."""
         if self.role == "appear" and frame < self.frame:
             return None
-        share = frame / (frames - 1)
+        middle = middle_frames(frames)
+        first, second = middle[0], middle[-1]
+        share = 0.5 * frame / first if frame <= first else 0.5 + 0.5 * max(frame - second, 0) / (frames - 1 - second)
         colour = self.new_colour if self.role == "turn" and frame >= self.frame else self.colour
-        return Shape(self.kind, colour, -1, self.x + share * self.dx, self.y + share * self.dy, self.radius)
+        cell = self.cell + (CELL_STEPS[self.direction] if self.role == "move" and share > 0.5 else 0)
+        return Shape(self.kind, colour, cell, self.x + share * self.dx, self.y + share * self.dy, self.radius)
 
 
 def middle_frames(frames: int) -> tuple[int, ...]:
@@ -718,97 +732,75 @@ def middle_frames(frames: int) -> tuple[int, ...]:
     return tuple(sorted({(frames - 1) // 2, frames // 2}))
 
 
-def _video_layout(rng: np.random.Generator, config: SynthConfig) -> list[tuple[str, str, str]]:
-    """(role, kind, colour) of a video's shapes, the role holding the direction or new colour: distinct kinds and
-    colours (new colours included), a still shape one time in two."""
-    count = 4 if rng.random() < 0.5 else 3
-    kinds = [config.kinds[i] for i in rng.permutation(len(config.kinds))[:count]]
-    colours = [config.colours[i] for i in rng.permutation(len(config.colours))[:count + 1]]
-    roles = [f"move {_pick(rng, tuple(MOTIONS))}", f"turn {colours[count]}", "appear", "still"][:count]
-    return list(zip(roles, kinds, colours))
-
-
-def _place(rng: np.random.Generator, radius: float, size: int, taken: list[tuple[float, float, float, float, float]],
-           tries: int = 200) -> tuple[float, float] | None:
-    """A centre for a shape of `radius` in a size x size frame that keeps 2 pixels from every taken segment
-    (x0, y0, x1, y1, radius): a still shape is a segment of length 0, the moving shape its whole path."""
-    segments = np.array(taken, dtype=np.float64).reshape(-1, 5)
-    for _ in range(tries):
-        point = rng.uniform(radius + 1, size - radius - 1, size=2)
-        start, end = segments[:, :2], segments[:, 2:4]
-        along = end - start
-        share = np.clip(((point - start) * along).sum(1) / np.maximum((along ** 2).sum(1), 1e-9), 0, 1)
-        gaps = np.linalg.norm(start + share[:, None] * along - point, axis=1) - segments[:, 4] - radius
-        if (gaps > 2).all():
-            return float(point[0]), float(point[1])
-    return None
+def _draw_tracks(rng: np.random.Generator, config: SynthConfig) -> tuple[Track, ...]:
+    """A mover, a turner and an appearing shape in the 2x2 cells, distinct kinds and colours (the new colour
+    too); the turn and the appearance happen after the middle frame."""
+    half_cell, frames = config.image_size / 4, config.frames
+    kinds = [config.kinds[i] for i in rng.permutation(len(config.kinds))[:3]]
+    colours = [config.colours[i] for i in rng.permutation(len(config.colours))[:4]]
+    start = int(rng.integers(MAX_SHAPES))
+    direction = _pick(rng, [d for d, (ux, uy) in MOTIONS.items()
+                            if 0 <= start % 2 + ux <= 1 and 0 <= start // 2 + uy <= 1])
+    ux, uy = MOTIONS[direction]
+    free = [c for c in range(MAX_SHAPES) if c not in (start, start + CELL_STEPS[direction])]
+    others = [int(c) for c in rng.permutation(free)]
+    tracks = []
+    for role, cell, kind, colour in zip(("move", "turn", "appear"), [start, *others], kinds, colours):
+        x, y, radius = _place_in_cell(rng, cell, half_cell)
+        later = int(rng.integers(frames // 2 + 1, frames))
+        travel = 2 * half_cell if role == "move" else 0.0  # one cell
+        tracks.append(Track(role, kind, colour, cell, x, y, radius, travel * ux, travel * uy,
+                            0 if role == "move" else later, colours[3] if role == "turn" else ""))
+    return tuple(tracks)
 
 
 def video_tracks(rng: np.random.Generator, held_out: bool, config: SynthConfig) -> tuple[Track, ...]:
-    """A video's shapes: one moves left, right, up or down, one turns a new colour after the middle frame, one
-    appears before or after it (50/50), maybe one stays still. The layout is their roles, kinds and colours. The
-    mover's mid-video place is uniform in a central box whatever its direction, so the middle frame does not
-    show which way it goes, nor the new colour, nor (beyond a guess among about four kinds) what appeared."""
-    size, frames = config.image_size, config.frames
-    layout = _held_out_layout(rng, held_out, lambda rng: _video_layout(rng, config))
+    """A video's shapes, as large as the shapes task's, in the cells of a 2x2 grid: one moves into the empty cell
+    next to it (left, right, up or down), one turns a new colour and one appears in the last cell, both after the
+    middle frame. The layout is their roles, cells, kinds and colours. The middle frame shows the mover halfway, on
+    the line between its two cells (its axis, not its direction), the old colour and not the shape that appears."""
     while True:
-        radii = [size * rng.uniform(*VIDEO_RADIUS) for _ in layout]
-        (role, kind, colour), travel = layout[0], VIDEO_TRAVEL * size
-        ux, uy = MOTIONS[role.split()[1]]
-        mid = rng.uniform(radii[0] + 1 + travel, size - radii[0] - 1 - travel, size=2)
-        start = mid - travel * np.array([ux, uy])
-        tracks = [Track("move", kind, colour, *map(float, start), radii[0], 2 * travel * ux, 2 * travel * uy)]
-        taken = [(*start, *(start + 2 * travel * np.array([ux, uy])), radii[0])]
-        for (role, kind, colour), radius in zip(layout[1:], radii[1:]):
-            centre = _place(rng, radius, size, taken)
-            if centre is None:
-                break
-            taken.append((*centre, *centre, radius))
-            after = int(rng.integers(frames // 2 + 1, frames))
-            before = int(rng.integers(1, (frames - 1) // 2 + 1))
-            name, _, new_colour = role.partition(" ")
-            frame = after if name == "turn" or rng.random() < 0.5 else before
-            tracks.append(Track(name, kind, colour, *centre, radius, frame=frame if name != "still" else 0,
-                                new_colour=new_colour))
-        else:
-            return tuple(tracks)
+        tracks = _draw_tracks(rng, config)
+        if is_held_out(layout_key(t.layout() for t in tracks)) == held_out:
+            return tracks
 
 
 def ask_video(rng: np.random.Generator, tracks: tuple[Track, ...], question_type: str, lang: str,
               config: SynthConfig) -> tuple[str, str]:
-    """"Which way does the red shape move?" (left / right / up / down), "What colour does the blue shape turn?",
-    "Which shape appears?" (a kind)."""
+    """"Which way does the red shape move?" (left / right / up / down), "What colour does the shape at the top
+    left turn?", "What shape appears at the bottom right?" (a kind)."""
     track = {t.role: t for t in tracks}[{"motion": "move", "turn": "turn", "appear": "appear"}[question_type]]
-    colour, zh = say(track.colour, lang), lang == "zh"
+    position, zh = say(POSITIONS[track.cell], lang), lang == "zh"
     if question_type == "motion":
-        direction = track.direction
+        colour, direction = say(track.colour, lang), track.direction
         return (f"{colour}的形状往哪个方向移动？" if zh else f"Which way does the {colour} shape move?",
                 MOTION_ZH[direction] if zh else direction)
     if question_type == "turn":
-        return (f"{colour}的形状变成了什么颜色？" if zh else f"What colour does the {colour} shape turn?",
+        return (f"{position}的形状变成了什么颜色？" if zh else f"What colour does the shape at the {position} turn?",
                 say(track.new_colour, lang))
-    return ("哪个形状出现了？" if zh else "Which shape appears?"), say(track.kind, lang)
+    return (f"{position}出现了什么形状？" if zh else f"What shape appears at the {position}?"), say(track.kind, lang)
 
 
 def _video_sentence(track: Track, lang: str) -> str:
+    position = say(POSITIONS[track.cell], lang)
     if lang == "zh":
         name = f"{ZH[track.colour]}的{ZH[track.kind]}"
         if track.role == "move":
-            return f"{name}{MOTION_ZH[track.direction]}移动。"
+            return f"{name}从{position}{MOTION_ZH[track.direction]}移动。"
         if track.role == "turn":
-            return f"{name}变成{ZH[track.new_colour]}。"
-        return f"出现了{name}。" if track.role == "appear" else f"{name}不动。"
+            return f"{position}的{name}变成{ZH[track.new_colour]}。"
+        return f"{position}出现了{name}。"
     name = f"{track.colour} {track.kind}"
     if track.role == "move":
-        return f"The {name} moves {track.direction}."
+        return f"The {name} moves {track.direction} from the {position}."
     if track.role == "turn":
-        return f"The {name} turns {track.new_colour}."
-    return f"{_article(name).capitalize()} {name} appears." if track.role == "appear" else f"The {name} stays still."
+        return f"The {name} at the {position} turns {track.new_colour}."
+    return f"{_article(name).capitalize()} {name} appears at the {position}."
 
 
 def video_caption(tracks: tuple[Track, ...], lang: str, config: SynthConfig) -> str:
-    """One sentence per shape: "The red circle moves left. The blue square turns green. A yellow star appears.
-    The purple cross stays still." """
+    """One sentence per shape: "The red circle moves right from the top left. The blue square at the bottom left
+    turns green. A yellow star appears at the bottom right." """
     return ("" if lang == "zh" else " ").join(_video_sentence(t, lang) for t in tracks)
 
 
