@@ -108,6 +108,11 @@ class StandInImageProcessor(ImageProcessingMixin):
                   "image_sizes": [[self.tile_size] * 2] * len(flat)}
         return BatchFeature({**lfm2_vl_pixels(pixels, self.encoder_patch_size), **layout})
 
+    def _merge_and_standardize_kwargs(self, **kwargs) -> dict:
+        """The processor reads the tile size and patch size through this from transformers 5.25 on: the settings
+        of this processor under the passed ones, as `BaseImageProcessor` gives them."""
+        return {**self.to_dict(), **kwargs}
+
 
 def test_quickstart_with_a_stand_in_image_processor(exported, tiny_tokenizer, photos):
     model, folder, native = exported["dense"]
