@@ -496,17 +496,20 @@ def test_video_middle_frame_does_not_give_the_answer():
     """What the middle frame shows (which side of the lines between the cells the mover is on, the turner's colour,
     the kinds in view) predicts few answers: the best table from it, fitted on training rows, scores about half on
     motion (the axis shows, the direction does not) and near chance on the rest of the held-out rows, while the
-    first and last frames answer every question. A mover at constant speed would be 2 pixels past the line towards
-    its goal in frame 4 of 8: this table read its direction from that 93% of the time."""
+    first and last frames answer every question. The same table reads the direction of a mover at constant speed
+    (2 pixels past the line towards its goal in frame 4 of 8) most of the time: the mover waits on the line."""
     config = synth.SynthConfig(task="video", lang="en")
-    frames = config.frames
+    frames, line = config.frames, config.image_size / 2
     middle = synth.middle_frames(frames)[-1]  # the frame a one-frame sample shows (`--video_frames 1`)
 
-    def seen(question_type: str, tracks) -> tuple:
+    def seen(question_type: str, tracks, constant_speed: bool = False) -> tuple:
         shown = {t.role: t.at(middle, frames) for t in tracks}
         if question_type == "motion":
-            x, y = shown["move"].x - 32, shown["move"].y - 32  # from the lines between the cells
-            return abs(x) < abs(y), x > 0, y > 0
+            mover = next(t for t in tracks if t.role == "move")
+            share = middle / (frames - 1)
+            x, y = ((mover.x + share * mover.dx, mover.y + share * mover.dy) if constant_speed
+                    else (shown["move"].x, shown["move"].y))
+            return abs(x - line) < abs(y - line), x > line, y > line
         if question_type == "turn":
             return (shown["turn"].colour,)
         return tuple(sorted(s.kind for s in shown.values() if s is not None))
@@ -521,20 +524,25 @@ def test_video_middle_frame_does_not_give_the_answer():
         assert first["appear"] is None and synth.POSITIONS[last["appear"].cell] in question
         return last["appear"].kind
 
-    table: dict[tuple, Counter] = defaultdict(Counter)
-    for _, tracks, asked in task_rows(config, "vlm_sft", 3000):
-        for question_type, _, answer in asked:
-            table[question_type, seen(question_type, tracks)][answer] += 1
-    hits = Counter()
-    for _, tracks, asked in task_rows(config, "vlm_test", 600):
-        (question_type, question, answer), = asked
-        assert answer_from_ends(question_type, question, tracks) == answer
-        guess = table.get((question_type, seen(question_type, tracks)))
-        hits[question_type, guess is not None and guess.most_common(1)[0][0] == answer] += 1
+    def hit_rates(constant_speed: bool) -> dict[str, float]:
+        table: dict[tuple, Counter] = defaultdict(Counter)
+        for _, tracks, asked in task_rows(config, "vlm_sft", 3000):
+            for question_type, _, answer in asked:
+                table[question_type, seen(question_type, tracks, constant_speed)][answer] += 1
+        hits = Counter()
+        for _, tracks, asked in task_rows(config, "vlm_test", 600):
+            (question_type, question, answer), = asked
+            assert answer_from_ends(question_type, question, tracks) == answer
+            guess = table.get((question_type, seen(question_type, tracks, constant_speed)))
+            hits[question_type, guess is not None and guess.most_common(1)[0][0] == answer] += 1
+        return {t: hits[t, True] / (hits[t, True] + hits[t, False]) for t in synth.TASK_QUESTION_TYPES["video"]}
+
+    rates = hit_rates(constant_speed=False)
     ceilings = {"motion": 0.6, "turn": 0.4, "appear": 0.4}
     for question_type in synth.TASK_QUESTION_TYPES["video"]:
-        rate = hits[question_type, True] / (hits[question_type, True] + hits[question_type, False])
+        rate = rates[question_type]
         assert rate < ceilings[question_type], (question_type, rate)
+    assert hit_rates(constant_speed=True)["motion"] > 0.85
 
 
 def test_task_arguments_are_checked(tmp_path):

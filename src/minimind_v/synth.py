@@ -565,12 +565,13 @@ def _plural(kind: str) -> str:
     return kind + ("es" if kind.endswith("ss") else "s")
 
 
-def _held_out_layout(rng: np.random.Generator, held_out: bool, draw: Callable) -> list:
-    """`draw(rng)` -> a layout (cell, kind, colour) triples, redrawn until it falls in the split."""
+def _held_out_layout(rng: np.random.Generator, held_out: bool, draw: Callable, layout: Callable = lambda x: x):
+    """`draw(rng)`, redrawn until its layout (`layout` of it: (cell or role, kind, colour) triples) falls in the
+    split."""
     while True:
-        layout = draw(rng)
-        if is_held_out(layout_key(layout)) == held_out:
-            return layout
+        drawn = draw(rng)
+        if is_held_out(layout_key(layout(drawn))) == held_out:
+            return drawn
 
 
 def detail_shapes(rng: np.random.Generator, held_out: bool, config: SynthConfig) -> tuple[Shape, ...]:
@@ -721,7 +722,7 @@ class Track:
             return None
         middle = middle_frames(frames)
         first, second = middle[0], middle[-1]
-        share = 0.5 * frame / first if frame <= first else 0.5 + 0.5 * max(frame - second, 0) / (frames - 1 - second)
+        share = 0.5 * frame / first if frame <= first else 0.5 + 0.5 * (frame - second) / (frames - 1 - second)
         colour = self.new_colour if self.role == "turn" and frame >= self.frame else self.colour
         cell = self.cell + (CELL_STEPS[self.direction] if self.role == "move" and share > 0.5 else 0)
         return Shape(self.kind, colour, cell, self.x + share * self.dx, self.y + share * self.dy, self.radius)
@@ -759,10 +760,8 @@ def video_tracks(rng: np.random.Generator, held_out: bool, config: SynthConfig) 
     next to it (left, right, up or down), one turns a new colour and one appears in the last cell, both after the
     middle frame. The layout is their roles, cells, kinds and colours. The middle frame shows the mover halfway, on
     the line between its two cells (its axis, not its direction), the old colour and not the shape that appears."""
-    while True:
-        tracks = _draw_tracks(rng, config)
-        if is_held_out(layout_key(t.layout() for t in tracks)) == held_out:
-            return tracks
+    return _held_out_layout(rng, held_out, lambda rng: _draw_tracks(rng, config),
+                            lambda tracks: [t.layout() for t in tracks])
 
 
 def ask_video(rng: np.random.Generator, tracks: tuple[Track, ...], question_type: str, lang: str,
