@@ -177,6 +177,47 @@ def test_max_minutes_ends_training_early_with_the_weights_saved(chain, tmp_path,
     assert json.loads((tmp_path / "llm_64" / "summary.json").read_text())["steps"] == 3
 
 
+def test_stop_loss_ends_at_the_same_step_straight_or_stopped_mid_interval_and_resumed(chain, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """--stop_loss ends the run at the first log line whose mean loss since the previous one is below it. The sums
+    of the interval under way are in the resume state: a run stopped mid-interval and resumed logs the same means
+    and ends at the same step with the same weights."""
+    def train(out: str, *flags: str) -> None:
+        run_cli(chain, "llm-sft", "--data_path", str(chain / "data" / "sft.jsonl"), "--out_dir", str(tmp_path / out),
+                "--checkpoint_dir", str(tmp_path / out), "--log_dir", str(tmp_path / out), "--from_weight", "none",
+                "--batch_size", "2", "--learning_rate", "5e-3", "--max_steps", "16", "--log_interval", "3", *flags)
+
+    def logged(out: str) -> list[tuple[int, float]]:
+        lines = (tmp_path / out / "llm_64" / "metrics.jsonl").read_text().splitlines()
+        return [(row["step"], row["loss"]) for row in map(json.loads, lines)]
+
+    train("full")
+    means = logged("full")
+    stop_loss = means[2][1] + 1e-6  # the third log line (step 9) reaches it; the first two must not
+    assert means[0][1] > stop_loss and means[1][1] > stop_loss, means
+    capsys.readouterr()
+    train("straight", "--stop_loss", str(stop_loss))
+    assert f"--stop_loss {stop_loss:g} reached" in capsys.readouterr().out
+    assert logged("straight") == means[:3]
+
+    step = loop.Loop._optimizer_step
+
+    def step_then_signal(self, group):
+        step(self, group)
+        if self.state.global_step == 3:  # counted after the step: the signal lands in step 5, mid-interval
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.Loop, "_optimizer_step", step_then_signal)
+    with pytest.raises(SystemExit):
+        train("resumed", "--stop_loss", str(stop_loss))
+    monkeypatch.setattr(loop.Loop, "_optimizer_step", step)
+    assert load_resume(str(tmp_path / "resumed" / "llm_64_resume.pth"))["counters"]["global_step"] == 4
+    train("resumed", "--stop_loss", str(stop_loss), "--from_resume", "1")
+    assert logged("resumed") == means[:3]
+    straight, resumed = weights(tmp_path / "straight" / "llm_64.pth"), weights(tmp_path / "resumed" / "llm_64.pth")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def vlm_argv(folder: Path, out: str, *flags: str) -> list[str]:
     """A tiny vlm-sft run from scratch (random tower, everything trained) writing into folder/out."""
     return ["train", "vlm-sft", "--data_path", str(folder / "vlm.parquet"), "--tokenizer", str(folder / "tok"),

@@ -130,8 +130,7 @@ class StepMetrics:
 
     def flush(self, processes: distributed.Processes) -> dict:
         """The means since the last flush, summed over processes; the counters restart."""
-        sums = distributed.all_reduce_sum(torch.stack([self.loss, self.aux, self.units,
-                                                       *self.metrics.values()]), processes)
+        sums = distributed.all_reduce_sum(torch.stack(self._summed()), processes)
         loss, aux, units, *metric_sums = sums.tolist()
         world = processes.world_size
         good, worst, nonfinite = self.good_steps.item(), self.worst_streak.item(), self.nonfinite.item()
@@ -143,6 +142,26 @@ class StepMetrics:
                     *self.metrics.values()):
             acc.zero_()
         return means
+
+    def snapshot(self, processes: distributed.Processes) -> dict:
+        """The sums since the last flush for the resume state: those `flush` adds over processes, already added;
+        the step counters, which every process counts alike."""
+        summed = distributed.all_reduce_sum(torch.stack(self._summed()), processes).tolist()
+        return {"summed": summed, "good_steps": self.good_steps.item(), "nonfinite": self.nonfinite.item(),
+                "worst_streak": self.worst_streak.item()}
+
+    def restore(self, saved: dict, is_main: bool) -> None:
+        """Continue the sums of a snapshot (the main process holds the added ones), so the first log line after a
+        resume, and a --stop_loss decided on it, are those of the uninterrupted run."""
+        if not saved:
+            return
+        for acc, value in zip(self._summed(), saved["summed"]):
+            acc.fill_(value if is_main else 0.0)
+        for name in ("good_steps", "nonfinite", "worst_streak"):
+            getattr(self, name).fill_(saved[name])
+
+    def _summed(self) -> list[torch.Tensor]:
+        return [self.loss, self.aux, self.units, *self.metrics.values()]
 
 
 class Loop:
@@ -160,7 +179,9 @@ class Loop:
         self.step_flops = None if grpo else StepFlops(trainer.model, frozen_models(trainer))
         self.peak: float | None = None
         self.flops_done = self.waited = self.step_wait = 0.0
+        self.sums.restore(self.state.interval, trainer.processes.is_main)
         self.out_of_time = False  # --max_minutes passed (decided on the counts of every process)
+        self.loss_reached = False  # --stop_loss reached (decided on the loss of every process)
 
     def run(self) -> None:
         trainer, config, state = self.trainer, self.config, self.state
@@ -194,6 +215,9 @@ class Loop:
         if self.out_of_time:
             trainer.log(f"--max_minutes {config.max_minutes:g} passed: training ends at step {state.global_step} of "
                         f"{trainer.total_steps}")
+        if self.loss_reached:
+            trainer.log(f"--stop_loss {config.stop_loss:g} reached (mean loss {self.final_loss:.4f} since the previous "
+                        f"log line): training ends at step {state.global_step} of {trainer.total_steps}")
         if self.stop.signum is None and state.global_step != self.last_saved_step:
             self._save()
         self._summary()
@@ -201,12 +225,13 @@ class Loop:
             self.tracker.close()
 
     def _finished(self) -> bool:
-        return self.stop.signum is not None or self.out_of_time or (bool(self.config.max_steps)
-                                                                    and self.state.global_step >= self.config.max_steps)
+        return self.stop.signum is not None or self.out_of_time or self.loss_reached or (
+            bool(self.config.max_steps) and self.state.global_step >= self.config.max_steps)
 
     def _save(self) -> None:
         if self.tracker:
             self.tracker.sync()
+        self.state.interval = self.sums.snapshot(self.trainer.processes)
         self.trainer.save(int(self.sums.streak.item()))
         self.last_saved_step = self.state.global_step
 
@@ -237,7 +262,7 @@ class Loop:
                 state.global_step += 1
                 self._count(group)
                 last = state.step == epoch_steps
-                if state.global_step % config.log_interval == 0 or last or self._finished():
+                if state.global_step % config.log_interval == 0 or last or self._finished() and not self.stop.signum:
                     self._log_step(epoch_steps, epoch_clock)
                 if self._finished() and self.stop.signum is not None:
                     self._save()
@@ -366,6 +391,7 @@ class Loop:
                 "--dtype bfloat16 or float32, or check the data."
             )
         loss, aux = means["loss"], means["aux_loss"]
+        self.loss_reached = config.stop_loss is not None and loss < config.stop_loss
         objective_metrics = {name: means[name] for name in self.sums.names}
         self.final_loss = loss
         now = time.time()

@@ -143,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--max_minutes", type=float,
                        help="stop after the step that passes this many minutes of training; the weights are saved "
                             "as at the end (a time budget)")
+    optim.add_argument("--stop_loss", type=float,
+                       help="stop at the first log line (every --log_interval steps) whose mean loss since the "
+                            "previous one is below this; the weights are saved as at the end")
     optim.add_argument("--max_nonfinite_steps", type=int, default=d["max_nonfinite_steps"],
                        help="stop after this many steps in a row with a NaN/inf loss or gradient")
     optim.add_argument("--seed", type=int, default=d["seed"])

@@ -122,6 +122,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_steps: int | None = None
     max_minutes: float | None = None
+    stop_loss: float | None = None
     max_nonfinite_steps: int = 10
     seed: int = 42
     dtype: str = "bfloat16"

@@ -73,6 +73,7 @@ class RunState:
     processed_tokens: int = 0
     nonfinite_steps: int = 0
     nonfinite_streak: int = 0
+    interval: dict = field(default_factory=dict)  # the loop's sums since its last log line (`StepMetrics.snapshot`)
     bad: dict = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
 
 
