@@ -24,6 +24,9 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import MiniMindConfig
 
+# transformers 5.24 renamed the output's `past_key_values` to `cache` (the old name still works, with a warning)
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back to the input dtype."""
@@ -479,8 +482,8 @@ class MiniMindForCausalLM(PreTrainedModel):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=cache if use_cache else None,
             hidden_states=hidden,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
 
 
