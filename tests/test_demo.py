@@ -88,6 +88,9 @@ def test_plan_is_a_chain_of_cli_commands(tmp_path):
     assert [argv[argv.index("--data_path") + 1] for argv in train[3:5]] == focus_files
     remix_data = train[5][train[5].index("--data_path") + 1:train[5].index("--from_weight")]
     assert remix_data[2:] == focus_files and len(remix_data) == 4  # the usual mix plus the focus questions
+    assert [value(argv, "--stop_loss") for argv in train] == [None] * 3 + ["0.01"] * 2 + [None]  # focus phases only
+    no_stop = build_parser(argv).parse_args(argv + ["--focus_stop_loss", "0"])
+    assert not any("--stop_loss" in s.argv for s in demo.plan(no_stop))
     no_focus = build_parser(argv + ["--focus"]).parse_args(argv + ["--focus"])
     assert not any("--question_types" in s.argv for s in demo.plan(no_focus))
     assert demo.training_runs(no_focus) == ["pretrain", "pretrain_vlm", "sft_vlm"]
@@ -137,7 +140,8 @@ def test_a_time_budget_shares_the_time_left_among_the_training_phases(tmp_path, 
 
 @pytest.mark.parametrize("flag, value", [("--sft_steps", "0"), ("--train_rows", "0"), ("--chats", "-1"),
                                          ("--focus", "position:0"), ("--focus", "where:300"), ("--focus", "position"),
-                                         ("--remix_steps", "0"), ("--time_budget", "-1")])
+                                         ("--remix_steps", "0"), ("--time_budget", "-1"),
+                                         ("--focus_stop_loss", "-1")])
 def test_bad_flags_are_refused_before_any_work(tmp_path, flag, value, capsys):
     with pytest.raises(SystemExit, match=flag.lstrip("-")):
         cli(["demo", "--out_dir", str(tmp_path / "x"), flag, value])

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "relation:300 shape:200 presence:200, or the first two when training on a CPU in "
                             "float32; none: `--focus` with no value); mixed training alone learns neither where a "
                             "shape is, nor relations, nor whether a kind is there")
+    optim.add_argument("--focus_stop_loss", type=float, default=0.01,
+                       help="a focus phase ends before its STEPS once its mean loss over 25 steps is below this "
+                            "(its questions are answered); 0: always run the STEPS")
     optim.add_argument("--remix_steps", type=int, default=300,
                        help="after the focus phases, steps on the usual mix plus their questions, so the other "
                             "types come back")
@@ -80,6 +83,8 @@ def _check(args) -> None:
             raise SystemExit(f"demo: --{name} must be at least 1 (got {getattr(args, name)})")
     if args.remix_steps < 1:
         raise SystemExit(f"demo: --remix_steps must be at least 1 (got {args.remix_steps})")
+    if args.focus_stop_loss < 0:
+        raise SystemExit(f"demo: --focus_stop_loss must not be negative (got {args.focus_stop_loss})")
     focus_phases(args)
     if args.chats < 0:
         raise SystemExit("demo: --chats must not be negative")
@@ -147,7 +152,7 @@ def plan(args) -> list[Step]:
         "--packing", "0",  # one sample per row: plain causal attention, 1.07-1.14x the tokens/s of packed rows here
         "--out_dir", p["model"], "--checkpoint_dir", p["checkpoints"], "--log_dir", p["runs"],
         "--initializer_range", str(init_std(args.hidden_size)), "--seed", str(args.seed), "--epochs", "100",
-        "--log_interval", "50", "--save_interval", "200", "--add_system_ratio", "0", "--empty_think_ratio", "1",
+        "--log_interval", "25", "--save_interval", "200", "--add_system_ratio", "0", "--empty_think_ratio", "1",
     ]
     vision = ["--train_vision", "1", "--freeze_llm", "0", "--max_seq_len", "256", "--num_workers", "1"]
     lr = str(args.learning_rate)
@@ -201,6 +206,7 @@ def focus_commands(args, p: dict[str, str], common: list[str]) -> list[Step]:
     if not phases:
         return []
     phase = ["--learning_rate", str(args.learning_rate / 2), "--warmup_steps", "20"]
+    criterion = ["--stop_loss", str(args.focus_stop_loss)] if args.focus_stop_loss else []
     steps, focus_files, previous = [], [], "sft_mixed"
     for kind, count in phases:
         folder = os.path.join(p["focus_data"], kind)
@@ -211,7 +217,7 @@ def focus_commands(args, p: dict[str, str], common: list[str]) -> list[Step]:
                                                  "--lang", args.lang, "--seed", str(args.seed)]),
             Step(f"VLM SFT on {kind} questions only", ["train", "vlm-sft", "--data_path", focus_files[-1],
                                                        "--from_weight", previous, "--save_weight", f"sft_focus_{kind}",
-                                                       "--max_steps", str(count)] + phase + common),
+                                                       "--max_steps", str(count)] + phase + common + criterion),
         ]
         previous = f"sft_focus_{kind}"
     mix = [os.path.join(p["data"], "vlm_sft.parquet"), os.path.join(p["data"], "vlm_pretrain.parquet")]
