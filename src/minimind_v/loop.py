@@ -1,6 +1,7 @@
 """The training loop, the same for every stage: epochs of optimizer steps over a `Trainer`'s micro-batches, each
 step `accumulation_steps` micro-batches of the objective's loss, then one clipped AdamW step; counting, logging,
-saving, and stopping on a signal, too many bad rows or a run of non-finite steps.
+saving, and stopping on a signal, a time budget (`--max_minutes`), a loss criterion (`--stop_loss`), too many bad
+rows or a run of non-finite steps.
 
 The loss of a step is the objective's summed loss over every unit of the step (supervised tokens for the causal LM,
 pairs for DPO), on every process and micro-batch, divided by the number of those units, plus the MoE auxiliary
